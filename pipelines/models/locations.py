@@ -1,0 +1,331 @@
+"""Sites, storage locations and physical copies (ops-db §3)."""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar
+
+from django.core.exceptions import ValidationError
+from django.db import models
+
+from .base import StatefulModel, TimeStamped, choices_check
+
+# Site short names and location names become parts of Celery queue names.
+_QUEUE_PART = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def validate_queue_part(value: str) -> None:
+    if not _QUEUE_PART.match(value or ""):
+        raise ValidationError(
+            f"{value!r} must start with a lowercase letter and contain only a-z, 0-9 and _ "
+            "(it becomes part of a queue name)."
+        )
+
+
+class Site(TimeStamped):
+    name = models.CharField(max_length=200, unique=True)
+    short_name = models.CharField(max_length=50, unique=True, validators=[validate_queue_part])
+    location = models.CharField(
+        max_length=200, blank=True, default="", help_text='geographic description, e.g. "Atacama"'
+    )
+    # Sites whose deletion policy needs two verified archive copies before anything goes.
+    min_archive_copies = models.PositiveSmallIntegerField(default=1)
+
+    class Meta:
+        db_table = "site"
+        ordering = ["short_name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(short_name__regex=r"^[a-z][a-z0-9_]*$"),
+                name="site_short_name_queue_safe",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(min_archive_copies__gte=1),
+                name="site_min_archive_copies_positive",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.short_name
+
+
+class LocationType(models.TextChoices):
+    SOURCE = "source", "Source (instrument computer)"
+    BUFFER = "buffer", "Buffer"
+    LONG_TERM_ARCHIVE = "long_term_archive", "Long-term archive"
+    PROCESSING = "processing", "Processing"
+
+
+class StorageType(models.TextChoices):
+    DISK = "disk", "Disk"
+    S3 = "s3", "S3 object store"
+    TAPE = "tape", "Tape"
+
+
+class ChecksumAlgorithm(models.TextChoices):
+    SHA256 = "sha256", "SHA-256"
+    XXH3_128 = "xxh3_128", "xxh3-128 (fast)"
+
+
+class DataLocation(TimeStamped):
+    LocationType = LocationType
+
+    StorageType = StorageType
+
+    ChecksumAlgorithm = ChecksumAlgorithm
+
+    site = models.ForeignKey(Site, on_delete=models.PROTECT, related_name="locations")
+    name = models.CharField(max_length=50, validators=[validate_queue_part])
+    location_type = models.CharField(max_length=20, choices=LocationType.choices)
+    storage_type = models.CharField(
+        max_length=8, choices=StorageType.choices, default=StorageType.DISK
+    )
+    # Higher wins: the manager writes to the highest-priority active location of a kind.
+    priority = models.IntegerField(default=0)
+    active = models.BooleanField(default=True)
+    # Disk: host (empty = reachable from this worker) and root path.
+    host = models.CharField(max_length=200, blank=True, default="")
+    root_path = models.CharField(max_length=1000, blank=True, default="")
+    # S3: the bucket and where it lives. Credentials never live here: they come from the
+    # environment (see pipelines.storage.s3).
+    s3_endpoint_url = models.CharField(max_length=500, blank=True, default="")
+    s3_bucket = models.CharField(max_length=200, blank=True, default="")
+    s3_region = models.CharField(max_length=50, blank=True, default="")
+    s3_prefix = models.CharField(max_length=500, blank=True, default="")
+    checksum_algorithm = models.CharField(
+        max_length=16, choices=ChecksumAlgorithm.choices, default=ChecksumAlgorithm.SHA256
+    )
+    # Disk monitor: above the high-water mark new packages avoid this location; above the
+    # cleanup mark deletion is prioritised here.
+    capacity_bytes = models.BigIntegerField(null=True, blank=True)
+    high_water_percent = models.PositiveSmallIntegerField(default=90)
+    cleanup_percent = models.PositiveSmallIntegerField(default=80)
+
+    class Meta:
+        db_table = "data_location"
+        ordering = ["site__short_name", "-priority", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["site", "name"], name="data_location_unique_name"),
+            choices_check("location_type", LocationType, "data_location_type_valid"),
+            choices_check("storage_type", StorageType, "data_location_storage_valid"),
+            choices_check("checksum_algorithm", ChecksumAlgorithm, "data_location_checksum_valid"),
+            models.CheckConstraint(
+                condition=models.Q(name__regex=r"^[a-z][a-z0-9_]*$"),
+                name="data_location_name_queue_safe",
+            ),
+            models.CheckConstraint(
+                condition=~models.Q(storage_type="disk") | ~models.Q(root_path=""),
+                name="data_location_disk_has_root",
+            ),
+            models.CheckConstraint(
+                condition=~models.Q(storage_type="s3") | ~models.Q(s3_bucket=""),
+                name="data_location_s3_has_bucket",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(
+                    cleanup_percent__lte=models.F("high_water_percent"), high_water_percent__lte=100
+                ),
+                name="data_location_thresholds_ordered",
+            ),
+        ]
+        indexes = [
+            # get_primary_buffer_for_site(): active locations of a type at a site, by priority.
+            models.Index(
+                fields=["site", "location_type", "active", "-priority"],
+                name="data_location_pick_idx",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.site.short_name}:{self.name}"
+
+
+class PhysicalCopyStatus(models.TextChoices):
+    PRESENT = "present", "Present"
+    STAGED = "staged", "Staged (unpacked)"
+    DELETION_POSSIBLE = "deletion_possible", "Deletion possible"
+    DELETION_SCHEDULED = "deletion_scheduled", "Deletion scheduled"
+    DELETION_IN_PROGRESS = "deletion_in_progress", "Deletion in progress"
+    DELETED = "deleted", "Deleted"
+    DELETION_FAILED = "deletion_failed", "Deletion failed"
+
+
+_C = PhysicalCopyStatus
+# Every path to DELETED passes DELETION_SCHEDULED and DELETION_IN_PROGRESS. A scheduled
+# deletion may be withdrawn (back to PRESENT) when a safety check fails before it starts.
+COPY_TRANSITIONS: dict[str, set[str]] = {
+    _C.PRESENT: {_C.DELETION_POSSIBLE, _C.DELETION_SCHEDULED},
+    _C.STAGED: {_C.DELETION_POSSIBLE, _C.DELETION_SCHEDULED},
+    _C.DELETION_POSSIBLE: {_C.DELETION_SCHEDULED, _C.PRESENT},
+    _C.DELETION_SCHEDULED: {_C.DELETION_IN_PROGRESS, _C.PRESENT},
+    _C.DELETION_IN_PROGRESS: {_C.DELETED, _C.DELETION_FAILED},
+    _C.DELETION_FAILED: {_C.DELETION_SCHEDULED, _C.PRESENT},
+    _C.DELETED: set(),
+}
+
+LIVE_COPY_STATUSES = (
+    _C.PRESENT,
+    _C.STAGED,
+    _C.DELETION_POSSIBLE,
+    _C.DELETION_SCHEDULED,
+    _C.DELETION_FAILED,
+)
+
+
+class Kind(models.TextChoices):
+    RAW_DATA_FILE = "raw_data_file", "Raw data file"
+    RAW_DATA_PACKAGE = "raw_data_package", "Raw data package"
+    DATA_TRANSFER_PACKAGE = "data_transfer_package", "Data transfer package"
+    DATA_PRODUCT = "data_product", "Data product"
+
+
+class Integrity(models.TextChoices):
+    UNVERIFIED = "unverified", "Not verified yet"
+    VERIFIED = "verified", "Checksum verified"
+    MISMATCH = "mismatch", "Checksum mismatch"
+    MISSING = "missing", "Missing on storage"
+
+
+class PhysicalCopy(StatefulModel, TimeStamped):
+    """That one file, package, transfer bundle or product exists at one location.
+
+    One table for the four kinds: exactly one of the object columns is set (check constraint),
+    and ``kind`` names which, so ops-db style SQL can filter on it.
+    """
+
+    Kind = Kind
+
+    Integrity = Integrity
+
+    TRANSITIONS: ClassVar[dict[str, dict[str, set[str]]]] = {"status": COPY_TRANSITIONS}
+
+    kind = models.CharField(max_length=24, choices=Kind.choices)
+    raw_data_file = models.ForeignKey(
+        "pipelines.RawDataFile",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="physical_copies",
+    )
+    raw_data_package = models.ForeignKey(
+        "pipelines.RawDataPackage",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="physical_copies",
+    )
+    data_transfer_package = models.ForeignKey(
+        "pipelines.DataTransferPackage",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="physical_copies",
+    )
+    data_product = models.ForeignKey(
+        "pipelines.DataProduct",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="physical_copies",
+    )
+    location = models.ForeignKey(
+        DataLocation, on_delete=models.PROTECT, related_name="physical_copies"
+    )
+    # Path (disk) or key (S3) relative to the location root.
+    relative_path = models.CharField(max_length=1000)
+    status = models.CharField(
+        max_length=24, choices=PhysicalCopyStatus.choices, default=PhysicalCopyStatus.PRESENT
+    )
+    integrity = models.CharField(
+        max_length=12, choices=Integrity.choices, default=Integrity.UNVERIFIED
+    )
+    verified_checksum = models.CharField(max_length=128, blank=True, default="")
+    checksum_verified_at = models.DateTimeField(null=True, blank=True)
+    deleted_at = models.DateTimeField(null=True, blank=True)
+    deletion_reason = models.TextField(blank=True, default="")
+    retry_count = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True, default="")
+
+    class Meta:
+        db_table = "physical_copy"
+        verbose_name_plural = "physical copies"
+        ordering = ["-created_at"]
+        constraints = [
+            choices_check("status", PhysicalCopyStatus, "physical_copy_status_valid"),
+            choices_check("kind", Kind, "physical_copy_kind_valid"),
+            choices_check("integrity", Integrity, "physical_copy_integrity_valid"),
+            models.CheckConstraint(
+                condition=(
+                    models.Q(
+                        kind="raw_data_file",
+                        raw_data_file__isnull=False,
+                        raw_data_package__isnull=True,
+                        data_transfer_package__isnull=True,
+                        data_product__isnull=True,
+                    )
+                    | models.Q(
+                        kind="raw_data_package",
+                        raw_data_file__isnull=True,
+                        raw_data_package__isnull=False,
+                        data_transfer_package__isnull=True,
+                        data_product__isnull=True,
+                    )
+                    | models.Q(
+                        kind="data_transfer_package",
+                        raw_data_file__isnull=True,
+                        raw_data_package__isnull=True,
+                        data_transfer_package__isnull=False,
+                        data_product__isnull=True,
+                    )
+                    | models.Q(
+                        kind="data_product",
+                        raw_data_file__isnull=True,
+                        raw_data_package__isnull=True,
+                        data_transfer_package__isnull=True,
+                        data_product__isnull=False,
+                    )
+                ),
+                name="physical_copy_exactly_one_object",
+            ),
+            # At most one live record of an object per location; DELETED rows are history.
+            models.UniqueConstraint(
+                fields=["raw_data_file", "location"],
+                condition=~models.Q(status="deleted"),
+                name="physical_copy_one_live_file_per_location",
+            ),
+            models.UniqueConstraint(
+                fields=["raw_data_package", "location"],
+                condition=~models.Q(status="deleted"),
+                name="physical_copy_one_live_package_per_location",
+            ),
+            models.UniqueConstraint(
+                fields=["data_transfer_package", "location"],
+                condition=~models.Q(status="deleted"),
+                name="physical_copy_one_live_dtp_per_location",
+            ),
+            models.UniqueConstraint(
+                fields=["data_product", "location"],
+                condition=~models.Q(status="deleted"),
+                name="physical_copy_one_live_product_per_location",
+            ),
+        ]
+        indexes = [
+            # Deletion manager: copies at a location in a given status.
+            models.Index(fields=["location", "status"], name="physical_copy_loc_status_idx"),
+            # Integrity manager: oldest verification first.
+            models.Index(
+                fields=["status", "checksum_verified_at"], name="physical_copy_verify_due_idx"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} copy @ {self.location_id}: {self.relative_path} [{self.status}]"
+
+    @property
+    def content_object(self) -> models.Model | None:
+        return (
+            self.raw_data_file
+            or self.raw_data_package
+            or self.data_transfer_package
+            or self.data_product
+        )

@@ -1,0 +1,237 @@
+"""Routes and the operations that move data: transfer, archive, staging, deletion (ops-db §4)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from django.conf import settings
+from django.db import models
+
+from .base import STATUS_TRANSITIONS, Operation, Status, TimeStamped, choices_check
+from .locations import DataLocation, Site
+
+
+def _operation_indexes(prefix: str) -> list[models.Index]:
+    # Manager query: due rows by status; reconciler query: claimed rows whose lease expired.
+    return [models.Index(fields=["status", "lease_expires_at"], name=f"{prefix}_status_lease_idx")]
+
+
+class RouteType(models.TextChoices):
+    DIRECT = "direct", "Direct (skip destination buffer)"
+    RELAY = "relay", "Relay (through an intermediate site)"
+    CUSTOM = "custom", "Custom (location to location)"
+
+
+class DataTransferRoute(TimeStamped):
+    RouteType = RouteType
+
+    name = models.CharField(max_length=100, unique=True)
+    origin_site = models.ForeignKey(Site, on_delete=models.PROTECT, related_name="routes_out")
+    destination_site = models.ForeignKey(Site, on_delete=models.PROTECT, related_name="routes_in")
+    route_type = models.CharField(max_length=8, choices=RouteType.choices, default=RouteType.DIRECT)
+    method = models.CharField(max_length=20, default="copy", help_text="copy, rsync, bbcp, s3")
+    origin_location = models.ForeignKey(
+        DataLocation, on_delete=models.PROTECT, null=True, blank=True, related_name="routes_out"
+    )
+    destination_location = models.ForeignKey(
+        DataLocation, on_delete=models.PROTECT, null=True, blank=True, related_name="routes_in"
+    )
+    relay_site = models.ForeignKey(
+        Site, on_delete=models.PROTECT, null=True, blank=True, related_name="relayed_routes"
+    )
+    active = models.BooleanField(default=True)
+    priority = models.IntegerField(default=0)
+
+    class Meta:
+        db_table = "data_transfer_route"
+        ordering = ["origin_site__short_name", "-priority"]
+        constraints = [
+            choices_check("route_type", RouteType, "data_transfer_route_type_valid"),
+            models.CheckConstraint(
+                condition=~models.Q(origin_site=models.F("destination_site")),
+                name="data_transfer_route_distinct_sites",
+            ),
+            models.CheckConstraint(
+                condition=~models.Q(route_type="relay") | models.Q(relay_site__isnull=False),
+                name="data_transfer_route_relay_has_site",
+            ),
+            models.CheckConstraint(
+                condition=~models.Q(route_type="custom")
+                | models.Q(origin_location__isnull=False, destination_location__isnull=False),
+                name="data_transfer_route_custom_has_locations",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class DataTransfer(Operation):
+    """One bundle copied from one location to another. Unpacking at the destination is tracked
+    apart (``unpack_status``) so it can be retried without copying again."""
+
+    TRANSITIONS: ClassVar[dict[str, dict[str, set[str]]]] = {
+        "status": STATUS_TRANSITIONS,
+        "unpack_status": STATUS_TRANSITIONS,
+    }
+
+    data_transfer_package = models.ForeignKey(
+        "pipelines.DataTransferPackage", on_delete=models.PROTECT, related_name="transfers"
+    )
+    origin_location = models.ForeignKey(
+        DataLocation, on_delete=models.PROTECT, related_name="transfers_out"
+    )
+    destination_location = models.ForeignKey(
+        DataLocation, on_delete=models.PROTECT, related_name="transfers_in"
+    )
+    route = models.ForeignKey(
+        DataTransferRoute, on_delete=models.PROTECT, null=True, blank=True, related_name="transfers"
+    )
+    method = models.CharField(max_length=20, default="copy")
+    # Primary: the one time a package leaves the observatory; secondary: archive-to-archive.
+    is_primary = models.BooleanField(default=True)
+    unpack_status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    unpack_retry_count = models.PositiveIntegerField(default=0)
+    unpack_error_message = models.TextField(blank=True, default="")
+    bytes_transferred = models.BigIntegerField(default=0)
+
+    class Meta:
+        db_table = "data_transfer"
+        ordering = ["-created_at"]
+        constraints = [
+            choices_check("status", Status, "data_transfer_status_valid"),
+            choices_check("unpack_status", Status, "data_transfer_unpack_status_valid"),
+            models.CheckConstraint(
+                condition=~models.Q(origin_location=models.F("destination_location")),
+                name="data_transfer_distinct_locations",
+            ),
+            # Nothing is unpacked before the bundle has arrived.
+            models.CheckConstraint(
+                condition=models.Q(unpack_status="pending") | models.Q(status="completed"),
+                name="data_transfer_unpack_after_transfer",
+            ),
+        ]
+        indexes = [
+            *_operation_indexes("data_transfer"),
+            models.Index(fields=["status", "unpack_status"], name="data_transfer_unpack_due_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"transfer {self.pk}: {self.data_transfer_package_id} -> {self.destination_location}"
+
+
+class DataTransferLog(models.Model):
+    """A pointer to a detailed log file; the log itself stays on disk."""
+
+    data_transfer = models.ForeignKey(DataTransfer, on_delete=models.CASCADE, related_name="logs")
+    timestamp = models.DateTimeField(auto_now_add=True)
+    level = models.CharField(max_length=10, default="INFO")
+    message = models.CharField(max_length=500, blank=True, default="")
+    log_path = models.CharField(max_length=1000)
+
+    class Meta:
+        db_table = "data_transfer_log"
+        ordering = ["-timestamp"]
+
+    def __str__(self) -> str:
+        return f"{self.timestamp:%Y-%m-%d %H:%M:%S} {self.level} {self.message}"
+
+
+class LongTermArchiveTransfer(Operation):
+    """Copy of one raw data package from a buffer into a long-term archive location."""
+
+    raw_data_package = models.ForeignKey(
+        "pipelines.RawDataPackage", on_delete=models.PROTECT, related_name="archive_transfers"
+    )
+    origin_location = models.ForeignKey(
+        DataLocation, on_delete=models.PROTECT, related_name="archive_transfers_out"
+    )
+    destination_location = models.ForeignKey(
+        DataLocation, on_delete=models.PROTECT, related_name="archive_transfers_in"
+    )
+    sidecar_path = models.CharField(max_length=1000, blank=True, default="")
+
+    class Meta:
+        db_table = "long_term_archive_transfer"
+        ordering = ["-created_at"]
+        constraints = [
+            choices_check("status", Status, "lta_transfer_status_valid"),
+            # One live archive operation per package and archive.
+            models.UniqueConstraint(
+                fields=["raw_data_package", "destination_location"],
+                condition=~models.Q(status="failed"),
+                name="lta_transfer_one_live_per_destination",
+            ),
+        ]
+        indexes = _operation_indexes("lta_transfer")
+
+    def __str__(self) -> str:
+        return f"archive {self.raw_data_package_id} -> {self.destination_location_id}"
+
+
+class StagingJob(Operation):
+    """A request to bring archived packages to a PROCESSING location and unpack them there."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="staging_jobs",
+    )
+    raw_data_packages = models.ManyToManyField(
+        "pipelines.RawDataPackage",
+        related_name="staging_jobs",
+        db_table="staging_job_raw_data_package",
+    )
+    origin_location = models.ForeignKey(
+        DataLocation,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="staging_jobs_out",
+    )
+    destination_location = models.ForeignKey(
+        DataLocation, on_delete=models.PROTECT, related_name="staging_jobs_in"
+    )
+    # While active, the staged copies are protected from deletion.
+    active = models.BooleanField(default=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "staging_job"
+        ordering = ["-created_at"]
+        constraints = [choices_check("status", Status, "staging_job_status_valid")]
+        indexes = [
+            *_operation_indexes("staging_job"),
+            # Deletion manager: which processing copies an active job still needs.
+            models.Index(fields=["destination_location", "active"], name="staging_job_active_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"staging job {self.pk} -> {self.destination_location_id}"
+
+
+class DeletionTask(Operation):
+    """The decision to delete one physical copy, with the reason it was judged safe."""
+
+    physical_copy = models.ForeignKey(
+        "pipelines.PhysicalCopy", on_delete=models.PROTECT, related_name="deletion_tasks"
+    )
+    reason = models.TextField()
+
+    class Meta:
+        db_table = "deletion_task"
+        ordering = ["-created_at"]
+        constraints = [
+            choices_check("status", Status, "deletion_task_status_valid"),
+            models.UniqueConstraint(
+                fields=["physical_copy"],
+                condition=models.Q(status__in=["pending", "scheduled", "in_progress"]),
+                name="deletion_task_one_live_per_copy",
+            ),
+        ]
+        indexes = _operation_indexes("deletion_task")
+
+    def __str__(self) -> str:
+        return f"delete copy {self.physical_copy_id}"

@@ -1,0 +1,117 @@
+"""The one writer of state fields.
+
+``transition()`` checks the move against the model's ``TRANSITIONS`` table, applies it with a
+conditional ``UPDATE ... WHERE <field> = <expected>`` so that of two racing callers exactly one
+wins, and writes the ``StateEvent`` row in the same transaction. Every manager, worker, view and
+command moves states through it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from django.db import models, transaction
+from django.db.models.expressions import Combinable
+from django.utils import timezone
+
+from pipelines.models import StateEvent, StatefulModel
+
+M = TypeVar("M", bound=StatefulModel)
+
+
+class TransitionError(Exception):
+    """Base of the errors ``transition`` raises; nothing was changed when one is raised."""
+
+
+class ForbiddenTransition(TransitionError):
+    """The move is not in the model's transition table."""
+
+
+class TransitionConflict(TransitionError):
+    """Another process moved the row first (the race was lost)."""
+
+
+def allowed_targets(model: type[StatefulModel], field: str, current: str) -> set[str]:
+    table = model.TRANSITIONS.get(field)
+    if table is None:
+        raise ValueError(f"{model.__name__}.{field} is not a state field")
+    return table.get(current, set())
+
+
+def transition(
+    instance: M,
+    to: str,
+    *,
+    field: str = "status",
+    actor: str,
+    reason: str = "",
+    expected: str | None = None,
+    updates: dict[str, Any] | None = None,
+    context: dict[str, Any] | None = None,
+) -> M:
+    """Move ``instance.<field>`` from its current (or ``expected``) value to ``to``.
+
+    ``updates`` are other columns written in the same UPDATE (e.g. a lease, a failure message,
+    ``F("retry_count") + 1``). Returns the instance with the new values set. Raises
+    ``ForbiddenTransition`` for a move the table does not allow and ``TransitionConflict`` when
+    the row is no longer in the expected state; in both cases nothing changed.
+    """
+    model = type(instance)
+    table = model.TRANSITIONS.get(field)
+    if table is None:
+        raise ValueError(f"{model.__name__}.{field} is not a state field")
+    to = str(to)
+    current = str(expected if expected is not None else getattr(instance, field))
+    label = f"{model.__name__} {instance.pk}"
+    if to not in table:
+        raise ForbiddenTransition(f"{label}: {to!r} is not a {field} value of {model.__name__}")
+    if to not in table.get(current, set()):
+        allowed = ", ".join(sorted(table.get(current, set()))) or "none (terminal)"
+        raise ForbiddenTransition(
+            f"{label}: {field} may not move from {current!r} to {to!r} (allowed: {allowed})"
+        )
+    values: dict[str, Any] = {field: to, **(updates or {})}
+    if any(f.name == "updated_at" for f in model._meta.concrete_fields):
+        values.setdefault("updated_at", timezone.now())
+    with transaction.atomic():
+        changed = model._default_manager.filter(pk=instance.pk, **{field: current}).update(**values)
+        if changed != 1:
+            actual = (
+                model._default_manager.filter(pk=instance.pk).values_list(field, flat=True).first()
+            )
+            raise TransitionConflict(
+                f"{label}: expected {field}={current!r} but it is {actual!r}; "
+                f"the move to {to!r} was not applied"
+            )
+        StateEvent.objects.create(
+            entity=model._meta.db_table,
+            object_id=str(instance.pk),
+            field=field,
+            from_state=current,
+            to_state=to,
+            actor=actor,
+            reason=reason,
+            context=context or {},
+        )
+    expressions = [k for k, v in values.items() if isinstance(v, Combinable)]
+    for key, value in values.items():
+        if key not in expressions:
+            setattr(instance, key, value)
+    if expressions:
+        instance.refresh_from_db(fields=expressions)
+    return instance
+
+
+def record_creation(
+    instance: models.Model, *, actor: str, reason: str = "", field: str = "status"
+) -> StateEvent:
+    """Write the event for a row that was just created in its initial state."""
+    return StateEvent.objects.create(
+        entity=instance._meta.db_table,
+        object_id=str(instance.pk),
+        field=field,
+        from_state="",
+        to_state=str(getattr(instance, field)),
+        actor=actor,
+        reason=reason or "created",
+    )

@@ -1,0 +1,94 @@
+"""Thin Celery tasks: ids in, one service call, small JSON out.
+
+``OperationTask`` is the base of every per-row worker task (seed 002): it acknowledges late,
+re-queues when the worker is lost, reports STARTED, speaks JSON, and on failure either resets the
+row for another try or fails it for good.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+from celery import Task, shared_task
+
+from pipelines.exceptions import is_retryable
+from pipelines.models import Operation
+from pipelines.services.operations import operation_retry_or_fail
+
+log = logging.getLogger(__name__)
+
+
+def worker_identity() -> str:
+    """Who holds a lease: host and process, so an operator can find the worker."""
+    import os
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class OperationTask(Task):
+    """Base for tasks whose first argument is the id of an ``operation_model`` row."""
+
+    abstract = True
+    operation_model: type[Operation] | None = None
+    acks_late = True
+    reject_on_worker_lost = True
+    track_started = True
+    serializer = "json"
+    ignore_result = False
+    # Retries are counted on the row, not by Celery: the manager re-dispatches a reset row.
+    max_retries = 0
+
+    def _row(self, operation_id: int) -> Operation:
+        if self.operation_model is None:
+            raise TypeError(f"{self.name} declares no operation_model")
+        return self.operation_model._default_manager.get(pk=operation_id)
+
+    def get_retry_count(self, operation_id: int) -> int:
+        return self._row(operation_id).retry_count
+
+    def reset_state_on_failure(self, operation_id: int, exc: BaseException) -> Operation:
+        """Back to pending with one more retry used (or failed when none are left)."""
+        return operation_retry_or_fail(
+            self._row(operation_id),
+            message=_describe(exc),
+            actor=f"task:{self.name}",
+            retryable=True,
+        )
+
+    def mark_permanent_failure(self, operation_id: int, exc: BaseException) -> Operation:
+        return operation_retry_or_fail(
+            self._row(operation_id),
+            message=_describe(exc),
+            actor=f"task:{self.name}",
+            retryable=False,
+        )
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        operation_id = args[0] if args else next(iter(kwargs.values()), None)
+        if operation_id is None:
+            log.error("%s failed without an operation id: %s", self.name, exc)
+            return
+        try:
+            if is_retryable(exc):
+                self.reset_state_on_failure(operation_id, exc)
+            else:
+                self.mark_permanent_failure(operation_id, exc)
+        except Exception:  # never let failure handling mask the original error
+            log.exception("%s: could not record the failure of row %s", self.name, operation_id)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or exc.__class__.__name__
+    return f"{exc.__class__.__name__}: {text}" if str(exc) else text
+
+
+@shared_task(name="pipelines.tasks.recover_expired_leases")
+def recover_expired_leases() -> dict[str, int]:
+    """Periodic: hand back rows claimed by workers that died."""
+    from pipelines.services.recovery import recover_expired_leases as recover
+
+    return recover()

@@ -1,0 +1,45 @@
+"""Operator pages. The dashboard grows with the UI issue; these are the entry points today."""
+
+from __future__ import annotations
+
+from django.contrib.auth.decorators import login_required
+from django.db import connection
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
+
+from pipelines.models import (
+    ExecutedObsUnit,
+    PackageState,
+    PhysicalCopy,
+    RawDataFile,
+    RawDataPackage,
+)
+
+
+@login_required
+def home(request: HttpRequest) -> HttpResponse:
+    context = {
+        "scans": ExecutedObsUnit.objects.count(),
+        "files": RawDataFile.objects.count(),
+        "packages_by_state": {
+            label: RawDataPackage.objects.filter(state=value).count()
+            for value, label in PackageState.choices
+        },
+        "copies": PhysicalCopy.objects.count(),
+        "recent_scans": ExecutedObsUnit.objects.select_related("obs_unit")[:10],
+    }
+    return render(request, "pipelines/home.html", context)
+
+
+def health(request: HttpRequest) -> JsonResponse:
+    """Liveness of the database; the full report (broker, heartbeats) comes with the managers."""
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        db = "ok"
+    except Exception as exc:  # report, do not crash the probe
+        db = f"error: {exc}"
+    status = 200 if db == "ok" else 503
+    return JsonResponse(
+        {"status": "ok" if status == 200 else "degraded", "database": db}, status=status
+    )

@@ -1,0 +1,201 @@
+"""All settings, from environment variables (see README "Environment").
+
+Defaults run a laptop demo with no server: SQLite under ``var/``, an embedded file-system Celery
+broker and local-memory cache. Production switches by setting ``DATABASE_URL``,
+``CELERY_BROKER_URL``, ``REDIS_URL``, ``DJANGO_SECRET_KEY`` and ``DJANGO_ALLOWED_HOSTS``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from celery.schedules import crontab  # noqa: F401  (kept for CRON-style entries below)
+
+from workflow_site.env import (
+    env_bool,
+    env_choice,
+    env_int,
+    env_list,
+    env_path,
+    env_str,
+    parse_database_url,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = env_path("WORKFLOW_VAR_DIR", BASE_DIR / "var")
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+# --- Core ---------------------------------------------------------------------------------------
+DEBUG = env_bool("DJANGO_DEBUG", False)
+_DEV_SECRET = "insecure-dev-key-only-for-the-laptop-demo-never-in-production-0123456789"
+SECRET_KEY = env_str("DJANGO_SECRET_KEY") or _DEV_SECRET
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
+
+# Behind TLS (production) these make `manage.py check --deploy` pass; the laptop demo is HTTP.
+_SECURE = env_bool("DJANGO_SECURE", not DEBUG and SECRET_KEY != _DEV_SECRET)
+SESSION_COOKIE_SECURE = _SECURE
+CSRF_COOKIE_SECURE = _SECURE
+SECURE_SSL_REDIRECT = _SECURE and env_bool("DJANGO_SSL_REDIRECT", True)
+SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 31536000 if _SECURE else 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = _SECURE
+SECURE_HSTS_PRELOAD = _SECURE
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if _SECURE else None
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "django_filters",
+    "django_celery_beat",
+    "channels",
+    "pipelines",
+    "reduction",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "workflow_site.urls"
+WSGI_APPLICATION = "workflow_site.wsgi.application"
+ASGI_APPLICATION = "workflow_site.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -----------------------------------------------------------------------------------
+DATABASE_URL = env_str("DATABASE_URL") or f"sqlite:///{VAR_DIR / 'workflow.sqlite3'}"
+DATABASES = {"default": parse_database_url(DATABASE_URL, base_dir=BASE_DIR)}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Cache, heartbeats, channel layer -----------------------------------------------------------
+REDIS_URL = env_str("REDIS_URL")
+if REDIS_URL:
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+    }
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+else:
+    # Heartbeats must be visible across processes even on a laptop, so the fallback cache is a
+    # database table, not process-local memory.
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+            "LOCATION": "workflow_cache",
+        }
+    }
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# --- Auth, i18n, static -------------------------------------------------------------------------
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+LOGIN_URL = "/admin/login/"
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = env_path("DJANGO_STATIC_ROOT", VAR_DIR / "staticfiles")
+# Serve straight from the finders so `make demo` needs no collectstatic; production may still
+# run collectstatic into STATIC_ROOT and set WHITENOISE_USE_FINDERS=0.
+WHITENOISE_USE_FINDERS = env_bool("WHITENOISE_USE_FINDERS", True)
+
+# --- Celery -------------------------------------------------------------------------------------
+# Default broker: kombu's file-system transport under var/, so several local processes share a
+# queue without any server. Production sets redis:// or amqp://.
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL") or "filesystem://"
+CELERY_BROKER_DIR = VAR_DIR / "broker"
+if CELERY_BROKER_URL == "filesystem://":
+    for _sub in ("queue", "processed"):
+        (CELERY_BROKER_DIR / _sub).mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(CELERY_BROKER_DIR / "queue"),
+        "data_folder_out": str(CELERY_BROKER_DIR / "queue"),
+        "processed_folder": str(CELERY_BROKER_DIR / "processed"),
+        "store_processed": False,
+    }
+CELERY_RESULT_BACKEND = env_str("CELERY_RESULT_BACKEND") or None
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_TASK_TRACK_STARTED = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_DEFAULT_QUEUE = "workflow.default"
+CELERY_TIMEZONE = TIME_ZONE
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+
+# Periodic managers. Beat only fires these; each finds due rows and dispatches worker tasks.
+# django-celery-beat syncs the entries by name into its tables, where operators can pause them.
+CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
+    # Every five minutes: hand back rows whose worker lease expired (worker died mid-task).
+    "recover-expired-leases": {
+        "task": "pipelines.tasks.recover_expired_leases",
+        "schedule": timedelta(minutes=5),
+    },
+}
+
+# --- Facility -----------------------------------------------------------------------------------
+HPC_BACKEND = env_choice("HPC_BACKEND", ("local", "slurm", "kubernetes"), "local")
+CONTAINER_RUNTIME = env_choice(
+    "CONTAINER_RUNTIME", ("apptainer", "podman", "docker", "none"), "none"
+)
+SLURM_PARTITION = env_str("SLURM_PARTITION")
+PIPELINE_BASE_DIR = env_path("PIPELINE_BASE_DIR", VAR_DIR / "pipelines")
+PROCESSING_LOCATION_ID = env_int("PROCESSING_LOCATION_ID", 0, minimum=0) or None
+# Root under which the demo facility creates its disk locations.
+FACILITY_DATA_ROOT = env_path("FACILITY_DATA_ROOT", VAR_DIR / "data")
+# How long a worker may hold a claimed row before the reconciler hands it back.
+WORKFLOW_LEASE_SECONDS = env_int("WORKFLOW_LEASE_SECONDS", 900, minimum=10)
+# Raw data packages are split so that none exceeds this many bytes (ops-db: 50 GB).
+RAW_DATA_PACKAGE_MAX_BYTES = env_int("RAW_DATA_PACKAGE_MAX_BYTES", 50 * 1000**3, minimum=1)
+DEFAULT_CHECKSUM_ALGORITHM = env_choice(
+    "DEFAULT_CHECKSUM_ALGORITHM", ("sha256", "xxh3_128"), "sha256"
+)
+# Where each instrument's rendered reduction script is written (reduction app).
+REDUCTION_SCRIPT_DIR = env_path("REDUCTION_SCRIPT_DIR", VAR_DIR / "reduction_scripts")
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO").upper()},
+}
