@@ -13,6 +13,7 @@ class Migration(migrations.Migration):
     initial = True
 
     dependencies = [
+        ('reduction', '0001_initial'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
@@ -302,6 +303,7 @@ class Migration(migrations.Migration):
                 ('started_at', models.DateTimeField(blank=True, null=True)),
                 ('finished_at', models.DateTimeField(blank=True, null=True)),
                 ('input_products', models.ManyToManyField(blank=True, db_table='executed_reduction_step_input_product', related_name='consumer_runs', to='pipelines.dataproduct')),
+                ('parameter_set', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='runs', to='reduction.parameterset')),
             ],
             options={
                 'db_table': 'executed_reduction_step',

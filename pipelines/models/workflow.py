@@ -273,6 +273,14 @@ class ExecutedReductionStep(StatefulModel, TimeStamped):
         related_name="runs",
     )
     config_snapshot = models.JSONField(default=dict, blank=True)
+    # The instrument parameter set whose rendered script this run used (steps that name one).
+    parameter_set = models.ForeignKey(
+        "reduction.ParameterSet",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="runs",
+    )
     staging_job = models.ForeignKey(
         "pipelines.StagingJob",
         on_delete=models.SET_NULL,
