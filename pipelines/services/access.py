@@ -51,7 +51,7 @@ def ensure_instrument_group(instrument_key: str) -> Group:
 
 
 def _in_group(user: AbstractBaseUser | AnonymousUser, name: str) -> bool:
-    return bool(user.is_authenticated and user.groups.filter(name=name).exists())  # type: ignore[union-attr]
+    return bool(user.is_authenticated and user.groups.filter(name=name).exists())  # type: ignore[attr-defined]
 
 
 def is_operator(user: AbstractBaseUser | AnonymousUser) -> bool:
