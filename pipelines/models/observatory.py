@@ -184,7 +184,15 @@ class Source(TimeStamped):
             choices_check("source_type", SourceType, "source_type_valid"),
             models.CheckConstraint(
                 condition=~models.Q(source_type="fixed")
-                | (models.Q(ra_deg__gte=0, ra_deg__lt=360, dec_deg__gte=-90, dec_deg__lte=90)),
+                # NULL passes a CHECK, so the coordinates must be required explicitly.
+                | models.Q(
+                    ra_deg__isnull=False,
+                    dec_deg__isnull=False,
+                    ra_deg__gte=0,
+                    ra_deg__lt=360,
+                    dec_deg__gte=-90,
+                    dec_deg__lte=90,
+                ),
                 name="source_fixed_has_coordinates",
             ),
             models.CheckConstraint(
@@ -193,7 +201,9 @@ class Source(TimeStamped):
             ),
             models.CheckConstraint(
                 condition=~models.Q(source_type="constant_elevation")
-                | models.Q(elevation_deg__gte=0, elevation_deg__lte=90),
+                | models.Q(
+                    elevation_deg__isnull=False, elevation_deg__gte=0, elevation_deg__lte=90
+                ),
                 name="source_constant_elevation_has_elevation",
             ),
         ]
