@@ -28,7 +28,9 @@ VAR_DIR.mkdir(parents=True, exist_ok=True)
 
 # --- Core ---------------------------------------------------------------------------------------
 DEBUG = env_bool("DJANGO_DEBUG", False)
-_DEV_SECRET = "insecure-dev-key-only-for-the-laptop-demo-never-in-production-0123456789"
+# The "django-insecure-" prefix makes `manage.py check --deploy` report security.W009 when
+# production forgets DJANGO_SECRET_KEY (a long key without it would pass that check silently).
+_DEV_SECRET = "django-insecure-dev-key-only-for-the-laptop-demo-never-in-production-0123456789"
 SECRET_KEY = env_str("DJANGO_SECRET_KEY") or _DEV_SECRET
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
