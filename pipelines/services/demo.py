@@ -1,0 +1,731 @@
+"""The demo facility: a CCAT-like observatory, its sites and storage, users, and simulated scans.
+
+Used by ``manage.py load_demo_facility``, ``simulate_observations`` and ``demo``, and by tests
+that want a realistic world. Everything here is idempotent: loading twice changes nothing, and
+simulating N scans twice creates them once (ids are derived from the seed and the scan index).
+
+The definition is literal data below; the builders only walk it. Demo passwords are for a
+laptop demo only and are never reset on an existing user unless asked.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+from django.db import models, transaction
+from django.utils.text import slugify
+
+from pipelines.models import (
+    DataLocation,
+    DataTransferRoute,
+    ExecutedObsUnit,
+    Instrument,
+    InstrumentModule,
+    InstrumentModuleConfiguration,
+    Line,
+    Observatory,
+    ObservingProgram,
+    ObsMode,
+    ObsUnit,
+    RawDataFile,
+    Site,
+    Source,
+    SubObservingProgram,
+    Telescope,
+)
+from pipelines.storage.checksums import checksum_bytes
+from pipelines.storage.paths import safe_join
+
+from . import access
+from .ingest import executed_obs_unit_finish, executed_obs_unit_start, raw_data_file_register
+
+DEFAULT_PASSWORD = "workflow-demo"  # demo only; production users never get a default password
+ACTOR = "demo"
+
+LT = DataLocation.LocationType
+RT = DataTransferRoute.RouteType
+ST = Source.SourceType
+
+# --- The facility, as data ----------------------------------------------------------------------
+OBSERVATORY = {
+    "name": "CCAT Observatory",
+    "short_name": "ccat",
+    "description": "Fred Young Submillimeter Telescope and its instruments.",
+}
+TELESCOPE = {
+    "name": "FYST",
+    "description": "Fred Young Submillimeter Telescope, 6 m crossed-Dragone.",
+    "site_description": "Cerro Chajnantor, Atacama, Chile",
+    "latitude_deg": -22.9856,
+    "longitude_deg": -67.7404,
+    "altitude_m": 5600.0,
+}
+
+# instrument name -> (type, description, modules); module -> (pixels, fmin, fmax, configurations)
+INSTRUMENTS: dict[str, dict[str, Any]] = {
+    "CHAI": {
+        "instrument_type": "heterodyne",
+        "description": "CCAT Heterodyne Array Instrument: two 64-pixel arrays observed at once.",
+        "modules": {
+            "LFA": {
+                "pixels": 64,
+                "freq_min_ghz": 455.0,
+                "freq_max_ghz": 495.0,
+                "description": "Low-frequency array",
+                "configurations": {
+                    "CO43": {"lo_ghz": 461.0408, "sideband": "usb", "bandwidth_ghz": 4.0},
+                    "CI10": {"lo_ghz": 492.1607, "sideband": "lsb", "bandwidth_ghz": 4.0},
+                },
+            },
+            "HFA": {
+                "pixels": 64,
+                "freq_min_ghz": 800.0,
+                "freq_max_ghz": 820.0,
+                "description": "High-frequency array",
+                "configurations": {
+                    "CO76": {"lo_ghz": 806.6518, "sideband": "usb", "bandwidth_ghz": 4.0},
+                    "CI21": {"lo_ghz": 809.3420, "sideband": "lsb", "bandwidth_ghz": 4.0},
+                },
+            },
+        },
+    },
+    "Prime-Cam": {
+        "instrument_type": "camera",
+        "description": "Prime-Cam: modular KID camera for continuum and line-intensity mapping.",
+        "modules": {
+            "280 GHz": {
+                "pixels": 10368,
+                "freq_min_ghz": 255.0,
+                "freq_max_ghz": 305.0,
+                "description": "280 GHz broadband polarimetric module",
+                "configurations": {
+                    "wide": {"readout": "rfsoc", "sample_rate_hz": 1000, "tone_power_dbm": -85},
+                },
+            },
+            "350 GHz": {
+                "pixels": 10368,
+                "freq_min_ghz": 320.0,
+                "freq_max_ghz": 380.0,
+                "description": "350 GHz broadband module",
+                "configurations": {
+                    "wide": {"readout": "rfsoc", "sample_rate_hz": 1000, "tone_power_dbm": -85},
+                },
+            },
+        },
+    },
+}
+
+# Where each instrument writes its raw files (a SOURCE location at the ccat site).
+SOURCE_LOCATION_BY_INSTRUMENT = {"CHAI": "chai_raw_data", "Prime-Cam": "primecam_raw_data"}
+# File type (and extension) each instrument writes.
+FILE_TYPE_BY_INSTRUMENT = {"CHAI": "fits", "Prime-Cam": "g3"}
+
+OBS_MODES = {
+    "otf_map": "On-the-fly map: continuous scanning with periodic off positions.",
+    "raster": "Raster map: grid of pointed positions.",
+    "pointing": "Pointing cross on a bright compact source.",
+    "ce_scan": "Constant-elevation scan across a survey strip.",
+}
+
+# name -> (species, transition, rest frequency in GHz)
+LINES: dict[str, tuple[str, str, float | None]] = {
+    "CO43": ("CO", "J=4-3", 461.0408),
+    "CI10": ("[CI]", "3P1-3P0", 492.1607),
+    "CO76": ("CO", "J=7-6", 806.6518),
+    "CI21": ("[CI]", "3P2-3P1", 809.3420),
+    "continuum": ("", "", None),
+}
+
+# short name -> (name, PI, sub-programmes {short name: name})
+PROGRAMS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "GEco": (
+        "Galactic Ecology",
+        "GEco collaboration",
+        {
+            "orion": "Orion molecular cloud mapping",
+            "galaxies": "Nearby galaxies",
+            "evolved": "Evolved stars",
+        },
+    ),
+    "Cal": ("Calibration", "Observatory staff", {}),
+    "DSS": ("EoR-Spec Deep Spectroscopic Survey", "EoR-Spec collaboration", {}),
+}
+
+SOURCES: dict[str, dict[str, Any]] = {
+    "Orion-KL": {"source_type": ST.FIXED, "ra_deg": 83.8097, "dec_deg": -5.3726},
+    "IRC+10216": {"source_type": ST.FIXED, "ra_deg": 146.9892, "dec_deg": 13.2787},
+    "NGC253": {"source_type": ST.FIXED, "ra_deg": 11.8880, "dec_deg": -25.2883},
+    "M83": {"source_type": ST.FIXED, "ra_deg": 204.2538, "dec_deg": -29.8658},
+    "Jupiter": {"source_type": ST.SOLAR_SYSTEM, "ephemeris_name": "jupiter"},
+    "Mars": {"source_type": ST.SOLAR_SYSTEM, "ephemeris_name": "mars"},
+    "E-CDFS strip": {
+        "source_type": ST.CONSTANT_ELEVATION,
+        "elevation_deg": 45.0,
+        "az_min_deg": 120.0,
+        "az_max_deg": 150.0,
+    },
+    "COSMOS strip": {
+        "source_type": ST.CONSTANT_ELEVATION,
+        "elevation_deg": 50.0,
+        "az_min_deg": 60.0,
+        "az_max_deg": 90.0,
+    },
+}
+
+# name -> programme, sub-programme, source, mode, line, [(instrument, module, configuration)]
+_CHAI_CO = [("CHAI", "LFA", "CO43"), ("CHAI", "HFA", "CO76")]
+_CHAI_CI = [("CHAI", "LFA", "CI10"), ("CHAI", "HFA", "CI21")]
+_PRIMECAM = [("Prime-Cam", "280 GHz", "wide"), ("Prime-Cam", "350 GHz", "wide")]
+OBS_UNITS: dict[str, dict[str, Any]] = {
+    "GEco-OrionKL-CO43-otf": {
+        "program": "GEco", "sub": "orion", "source": "Orion-KL", "mode": "otf_map",
+        "line": "CO43", "configs": _CHAI_CO, "priority": 10, "requested_time_s": 3600,
+    },
+    "GEco-NGC253-CI10-raster": {
+        "program": "GEco", "sub": "galaxies", "source": "NGC253", "mode": "raster",
+        "line": "CI10", "configs": _CHAI_CI, "priority": 5, "requested_time_s": 5400,
+    },
+    "GEco-M83-CO43-otf": {
+        "program": "GEco", "sub": "galaxies", "source": "M83", "mode": "otf_map",
+        "line": "CO43", "configs": _CHAI_CO, "priority": 5, "requested_time_s": 5400,
+    },
+    "GEco-IRC10216-CO76-raster": {
+        "program": "GEco", "sub": "evolved", "source": "IRC+10216", "mode": "raster",
+        "line": "CO76", "configs": _CHAI_CO, "priority": 3, "requested_time_s": 1800,
+    },
+    "Cal-Jupiter-CHAI-pointing": {
+        "program": "Cal", "sub": None, "source": "Jupiter", "mode": "pointing",
+        "line": "CO43", "configs": _CHAI_CO, "priority": 20, "requested_time_s": 300,
+    },
+    "Cal-Mars-PrimeCam-pointing": {
+        "program": "Cal", "sub": None, "source": "Mars", "mode": "pointing",
+        "line": "continuum", "configs": _PRIMECAM, "priority": 20, "requested_time_s": 300,
+    },
+    "DSS-ECDFS-ce": {
+        "program": "DSS", "sub": None, "source": "E-CDFS strip", "mode": "ce_scan",
+        "line": "continuum", "configs": _PRIMECAM, "priority": 8, "requested_time_s": 7200,
+    },
+    "DSS-COSMOS-ce": {
+        "program": "DSS", "sub": None, "source": "COSMOS strip", "mode": "ce_scan",
+        "line": "continuum", "configs": _PRIMECAM, "priority": 8, "requested_time_s": 7200,
+    },
+}  # fmt: skip
+
+# short name -> (name, geographic location, {location name: (type, priority)})
+SITES: dict[str, tuple[str, str, dict[str, tuple[str, int]]]] = {
+    "ccat": (
+        "CCAT Observatory",
+        "Atacama, Chile",
+        {"chai_raw_data": (LT.SOURCE, 10), "primecam_raw_data": (LT.SOURCE, 10),
+         "buffer": (LT.BUFFER, 10)},
+    ),
+    "cologne": (
+        "University of Cologne",
+        "Cologne, Germany",
+        {"buffer": (LT.BUFFER, 10), "lta": (LT.LONG_TERM_ARCHIVE, 10),
+         "processing": (LT.PROCESSING, 10)},
+    ),
+    "us": (
+        "Cornell University",
+        "Ithaca, USA",
+        {"buffer": (LT.BUFFER, 10), "lta": (LT.LONG_TERM_ARCHIVE, 10),
+         "processing": (LT.PROCESSING, 10)},
+    ),
+}  # fmt: skip
+
+# Primary routes carry each package off the mountain once; secondary routes replicate between
+# the archive sites. The route model has no primary flag, so priority says which is which.
+PRIMARY_ROUTE_PRIORITY = 10
+SECONDARY_ROUTE_PRIORITY = 0
+ROUTES: dict[str, tuple[str, str, int]] = {
+    "ccat_to_cologne": ("ccat", "cologne", PRIMARY_ROUTE_PRIORITY),
+    "ccat_to_us": ("ccat", "us", PRIMARY_ROUTE_PRIORITY),
+    "cologne_to_us": ("cologne", "us", SECONDARY_ROUTE_PRIORITY),
+    "us_to_cologne": ("us", "cologne", SECONDARY_ROUTE_PRIORITY),
+}
+
+# Registry keys of the reduction instruments (reduction.instruments); each gets a scientists group.
+REDUCTION_INSTRUMENT_KEYS = ("chai", "primecam", "cncs")
+
+# username -> (groups, is_staff, is_superuser)
+USERS: dict[str, tuple[tuple[str, ...], bool, bool]] = {
+    "viewer": ((access.VIEWERS,), False, False),
+    "scientist": ((access.SCIENTISTS, access.instrument_group_name("chai")), False, False),
+    "operator": ((access.OPERATORS,), True, False),
+    "admin": ((), True, True),
+}
+ADMIN_USERNAME = "admin"
+
+
+# --- Loading ------------------------------------------------------------------------------------
+@dataclass
+class Tally:
+    """Rows created, updated back to the definition, and found as defined, per model."""
+
+    created: Counter[str] = field(default_factory=Counter)
+    updated: Counter[str] = field(default_factory=Counter)
+    present: Counter[str] = field(default_factory=Counter)
+    # model label -> (singular, plural) for the summary line
+    names: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def count(self, counter: Counter[str], model: type[models.Model]) -> None:
+        label = model._meta.label
+        self.names[label] = (str(model._meta.verbose_name), str(model._meta.verbose_name_plural))
+        counter[label] += 1
+
+    def summary(self) -> str:
+        created, updated, present = (
+            sum(c.values()) for c in (self.created, self.updated, self.present)
+        )
+        detail = ", ".join(
+            f"{n} {self.names[label][0] if n == 1 else self.names[label][1]}"
+            for label, n in sorted(self.created.items(), key=lambda item: self.names[item[0]])
+        )
+        return f"{created} created, {updated} updated, {present} already present" + (
+            f" (new: {detail})" if detail else ""
+        )
+
+
+@dataclass
+class DemoFacility:
+    """What ``demo_facility_load`` did: the tally, the data root, and the users whose password
+    was set by this run (the password is only meaningful for those)."""
+
+    tally: Tally
+    data_root: Path
+    password: str
+    passwords_set: list[str]
+
+    def summary(self) -> str:
+        return f"Demo facility: {self.tally.summary()}; data under {self.data_root}"
+
+
+ModelT = TypeVar("ModelT", bound=models.Model)
+
+
+def _ensure(
+    model: type[ModelT], tally: Tally, *, lookup: dict[str, Any], values: dict[str, Any]
+) -> ModelT:
+    """Get the row by its natural key, creating it with ``values``; bring an existing row back
+    to ``values`` only where it differs, so a second load writes nothing at all."""
+    obj, created = model._default_manager.get_or_create(**lookup, defaults=values)
+    if created:
+        tally.count(tally.created, model)
+        return obj
+    changed = [name for name, value in values.items() if getattr(obj, name) != value]
+    if not changed:
+        tally.count(tally.present, model)
+        return obj
+    for name in changed:
+        setattr(obj, name, values[name])
+    if any(f.name == "updated_at" for f in model._meta.concrete_fields):
+        changed.append("updated_at")
+    obj.save(update_fields=changed)
+    tally.count(tally.updated, model)
+    return obj
+
+
+def location_root(site: str, location: str) -> Path:
+    """Where a demo disk location keeps its files."""
+    return Path(settings.FACILITY_DATA_ROOT) / site / location
+
+
+@transaction.atomic
+def demo_facility_load(
+    *, password: str = DEFAULT_PASSWORD, reset_passwords: bool = False
+) -> DemoFacility:
+    """Create or complete the demo facility. Idempotent; returns what it did.
+
+    Creates the disk directories of every location. Sets ``password`` only on users it creates,
+    or on every demo user with ``reset_passwords``.
+    """
+    tally = Tally()
+    _load_observatory(tally)
+    _load_sites(tally)
+    passwords_set = _load_users(tally, password=password, reset_passwords=reset_passwords)
+    return DemoFacility(
+        tally=tally,
+        data_root=Path(settings.FACILITY_DATA_ROOT),
+        password=password,
+        passwords_set=passwords_set,
+    )
+
+
+def _load_observatory(tally: Tally) -> None:
+    observatory = _ensure(
+        Observatory,
+        tally,
+        lookup={"short_name": OBSERVATORY["short_name"]},
+        values={k: v for k, v in OBSERVATORY.items() if k != "short_name"},
+    )
+    telescope = _ensure(
+        Telescope,
+        tally,
+        lookup={"observatory": observatory, "name": TELESCOPE["name"]},
+        values={k: v for k, v in TELESCOPE.items() if k != "name"},
+    )
+    configs: dict[tuple[str, str, str], InstrumentModuleConfiguration] = {}
+    for instrument_name, spec in INSTRUMENTS.items():
+        instrument = _ensure(
+            Instrument,
+            tally,
+            lookup={"telescope": telescope, "name": instrument_name},
+            values={
+                "instrument_type": spec["instrument_type"],
+                "description": spec["description"],
+                "available": True,
+            },
+        )
+        for module_name, module_spec in spec["modules"].items():
+            module = _ensure(
+                InstrumentModule,
+                tally,
+                lookup={"instrument": instrument, "name": module_name},
+                values={k: v for k, v in module_spec.items() if k != "configurations"},
+            )
+            for config_name, config in module_spec["configurations"].items():
+                configs[(instrument_name, module_name, config_name)] = _ensure(
+                    InstrumentModuleConfiguration,
+                    tally,
+                    lookup={"instrument_module": module, "name": config_name},
+                    values={"config": config},
+                )
+
+    modes = {
+        name: _ensure(ObsMode, tally, lookup={"name": name}, values={"description": text})
+        for name, text in OBS_MODES.items()
+    }
+    lines = {
+        name: _ensure(
+            Line,
+            tally,
+            lookup={"name": name},
+            values={"species": species, "transition": trans, "rest_frequency_ghz": freq},
+        )
+        for name, (species, trans, freq) in LINES.items()
+    }
+    programs: dict[str, ObservingProgram] = {}
+    subs: dict[tuple[str, str], SubObservingProgram] = {}
+    for short, (name, pi, sub_programs) in PROGRAMS.items():
+        programs[short] = _ensure(
+            ObservingProgram,
+            tally,
+            lookup={"short_name": short},
+            values={"name": name, "principal_investigator": pi},
+        )
+        for sub_short, sub_name in sub_programs.items():
+            subs[(short, sub_short)] = _ensure(
+                SubObservingProgram,
+                tally,
+                lookup={"observing_program": programs[short], "short_name": sub_short},
+                values={"name": sub_name},
+            )
+    sources = {
+        name: _ensure(Source, tally, lookup={"name": name}, values=dict(spec))
+        for name, spec in SOURCES.items()
+    }
+    for name, spec in OBS_UNITS.items():
+        obs_unit = _ensure(
+            ObsUnit,
+            tally,
+            lookup={"name": name},
+            values={
+                "observing_program": programs[spec["program"]],
+                "sub_observing_program": subs[(spec["program"], spec["sub"])]
+                if spec["sub"]
+                else None,
+                "source": sources[spec["source"]],
+                "obs_mode": modes[spec["mode"]],
+                "line": lines[spec["line"]],
+                "priority": spec["priority"],
+                "requested_time_s": spec["requested_time_s"],
+                "active": True,
+            },
+        )
+        # set() only writes the difference, so a second load leaves the link table alone.
+        obs_unit.instrument_module_configurations.set([configs[key] for key in spec["configs"]])
+
+
+def _load_sites(tally: Tally) -> None:
+    sites: dict[str, Site] = {}
+    for short, (name, where, locations) in SITES.items():
+        sites[short] = _ensure(
+            Site, tally, lookup={"short_name": short}, values={"name": name, "location": where}
+        )
+        for location_name, (location_type, priority) in locations.items():
+            root = location_root(short, location_name)
+            root.mkdir(parents=True, exist_ok=True)
+            _ensure(
+                DataLocation,
+                tally,
+                lookup={"site": sites[short], "name": location_name},
+                values={
+                    "location_type": location_type,
+                    "storage_type": DataLocation.StorageType.DISK,
+                    "priority": priority,
+                    "active": True,
+                    "host": "",
+                    "root_path": str(root),
+                    "checksum_algorithm": settings.DEFAULT_CHECKSUM_ALGORITHM,
+                },
+            )
+    for name, (origin, destination, priority) in ROUTES.items():
+        _ensure(
+            DataTransferRoute,
+            tally,
+            lookup={"name": name},
+            values={
+                "origin_site": sites[origin],
+                "destination_site": sites[destination],
+                "route_type": RT.DIRECT,
+                "priority": priority,
+                "active": True,
+            },
+        )
+
+
+def _load_users(tally: Tally, *, password: str, reset_passwords: bool) -> list[str]:
+    groups: dict[str, Group] = dict(access.ensure_groups())
+    for key in REDUCTION_INSTRUMENT_KEYS:
+        group = access.ensure_instrument_group(key)
+        groups[group.name] = group
+    user_model = get_user_model()
+    passwords_set = []
+    for username, (group_names, is_staff, is_superuser) in USERS.items():
+        user = _ensure(
+            user_model,
+            tally,
+            lookup={"username": username},
+            values={
+                "email": f"{username}@example.org",
+                "is_staff": is_staff,
+                "is_superuser": is_superuser,
+                "is_active": True,
+            },
+        )
+        # A user created by get_or_create has an empty (unusable-by-login) password.
+        if reset_passwords or not user.password:
+            user.set_password(password)
+            user.save(update_fields=["password"])
+            passwords_set.append(username)
+        user.groups.add(*(groups[name] for name in group_names))
+    return passwords_set
+
+
+# --- Simulated observations ---------------------------------------------------------------------
+class DemoNotLoaded(RuntimeError):
+    """The demo facility (or the part a command needs) is not in the database."""
+
+
+# Scan and file ids are uuid5 names under this namespace, so a re-run finds what it made before.
+SIMULATION_NAMESPACE = uuid.UUID("6f1c2d8e-4b7a-5e39-9c0d-2a8f3e6b1c47")
+# Scans are laid out from here, one every SCAN_SPACING, so re-runs produce the same start times.
+SIMULATION_EPOCH = datetime(2025, 1, 6, 0, 0, tzinfo=UTC)
+SCAN_SPACING = timedelta(minutes=45)
+
+
+@dataclass
+class Simulation:
+    scans_created: int = 0
+    scans_present: int = 0
+    files_created: int = 0
+    files_present: int = 0
+    bytes_written: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"Simulated observations: {self.scans_created} scans created, "
+            f"{self.scans_present} already present; {self.files_created} files registered "
+            f"({self.bytes_written} bytes written), {self.files_present} already registered"
+        )
+
+
+def _scan_id(seed: int, index: int) -> uuid.UUID:
+    return uuid.uuid5(SIMULATION_NAMESPACE, f"seed={seed}/scan={index}")
+
+
+def _module_slug(name: str) -> str:
+    return slugify(name).replace("-", "")
+
+
+def demo_observations_simulate(
+    *,
+    count: int,
+    seed: int = 0,
+    files_per_module: int = 3,
+    file_size: int = 64 * 1024,
+    actor: str = "simulate_observations",
+    progress: Callable[[int, int, ExecutedObsUnit], None] | None = None,
+) -> Simulation:
+    """Run scans 0..count-1 of the seeded simulation through the ingest service.
+
+    Each scan picks a demo obs unit, starts, writes ``files_per_module`` files of ``file_size``
+    pseudo-random bytes per module of the obs unit into that instrument's SOURCE location
+    (``<date>/<scan id>/<module>/...``), registers them with verification, and finishes.
+    Scans already finished are skipped; a scan left running by an interrupted run is resumed.
+    ``progress(done, count, scan)`` is called after each scan. Raises ``DemoNotLoaded`` when the
+    demo obs units or source locations are missing.
+    """
+    if count < 0 or files_per_module < 0 or file_size < 0:
+        raise ValueError("count, files_per_module and file_size must not be negative")
+    obs_units = list(ObsUnit.objects.filter(name__in=OBS_UNITS, active=True).order_by("name"))
+    locations = {
+        instrument: DataLocation.objects.filter(
+            site__short_name="ccat", name=name, location_type=LT.SOURCE
+        ).first()
+        for instrument, name in SOURCE_LOCATION_BY_INSTRUMENT.items()
+    }
+    missing = [name for name, loc in locations.items() if loc is None]
+    if not obs_units or missing:
+        raise DemoNotLoaded(
+            "the demo facility is not loaded (no demo obs units or source locations for "
+            f"{', '.join(missing) or 'the instruments'}); run `manage.py load_demo_facility` first"
+        )
+    result = Simulation()
+    for index in range(count):
+        scan = _simulate_scan(
+            index,
+            seed=seed,
+            obs_units=obs_units,
+            locations={k: v for k, v in locations.items() if v is not None},
+            files_per_module=files_per_module,
+            file_size=file_size,
+            actor=actor,
+            result=result,
+        )
+        if progress is not None:
+            progress(index + 1, count, scan)
+    return result
+
+
+def _simulate_scan(
+    index: int,
+    *,
+    seed: int,
+    obs_units: list[ObsUnit],
+    locations: dict[str, DataLocation],
+    files_per_module: int,
+    file_size: int,
+    actor: str,
+    result: Simulation,
+) -> ExecutedObsUnit:
+    scan_id = _scan_id(seed, index)
+    existing = ExecutedObsUnit.objects.filter(pk=scan_id).select_related("obs_unit").first()
+    if existing is not None and existing.status != ExecutedObsUnit.ObsStatus.RUNNING:
+        result.scans_present += 1
+        return existing
+    rng = random.Random(f"seed={seed}/scan={index}")
+    obs_unit = existing.obs_unit if existing is not None else rng.choice(obs_units)
+    start_time = SIMULATION_EPOCH + index * SCAN_SPACING + timedelta(seconds=rng.randint(0, 300))
+    if existing is not None:
+        start_time = existing.start_time
+    duration = timedelta(seconds=rng.randint(300, 1800))
+    configurations = list(
+        obs_unit.instrument_module_configurations.select_related(
+            "instrument_module__instrument"
+        ).order_by("instrument_module__instrument__name", "instrument_module__name", "name")
+    )
+    scan, created = executed_obs_unit_start(
+        obs_unit=obs_unit,
+        start_time=start_time,
+        id=scan_id,
+        metadata={"simulated": True, "seed": seed, "index": index},
+        instrument_module_configurations=configurations,
+        actor=actor,
+    )
+    if created:
+        result.scans_created += 1
+    else:
+        result.scans_present += 1
+
+    modules = {c.instrument_module_id: c.instrument_module for c in configurations}
+    for module in modules.values():
+        instrument = module.instrument.name
+        location = locations[instrument]
+        for number in range(files_per_module):
+            _simulate_file(
+                scan,
+                module,
+                number,
+                seed=seed,
+                index=index,
+                location=location,
+                file_type=FILE_TYPE_BY_INSTRUMENT.get(instrument, "dat"),
+                file_size=file_size,
+                actor=actor,
+                result=result,
+            )
+    executed_obs_unit_finish(
+        scan,
+        end_time=start_time + duration,
+        status=ExecutedObsUnit.ObsStatus.COMPLETED,
+        conditions={
+            "pwv_mm": round(rng.uniform(0.3, 1.5), 2),
+            "elevation_deg": round(rng.uniform(30.0, 75.0), 1),
+        },
+        actor=actor,
+    )
+    return scan
+
+
+def _simulate_file(
+    scan: ExecutedObsUnit,
+    module: InstrumentModule,
+    number: int,
+    *,
+    seed: int,
+    index: int,
+    location: DataLocation,
+    file_type: str,
+    file_size: int,
+    actor: str,
+    result: Simulation,
+) -> None:
+    slug = _module_slug(module.name)
+    # The first file of a module is its header; data files go one level deeper, as instrument
+    # writers do, so packaging has nested trees to preserve.
+    directory = f"{scan.start_time:%Y%m%d}/{scan.pk}/{slug}"
+    if number > 0:
+        directory += f"/subscan_{(number - 1) // 2:03d}"
+    relative_path = f"{directory}/{slug}_{number:04d}.{file_type}"
+    file_id = uuid.uuid5(SIMULATION_NAMESPACE, f"{scan.pk}/{relative_path}")
+    if RawDataFile.objects.filter(pk=file_id).exists():
+        result.files_present += 1
+        return
+    data = random.Random(f"seed={seed}/scan={index}/{module.name}/{number}").randbytes(file_size)
+    target = safe_join(location.root_path, relative_path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename, so a file the registration reads is always complete.
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, target)
+    result.bytes_written += len(data)
+    _, created = raw_data_file_register(
+        id=file_id,
+        executed_obs_unit=scan,
+        instrument_module=module,
+        source_location=location,
+        relative_path=relative_path,
+        size=len(data),
+        checksum=checksum_bytes(data, location.checksum_algorithm),
+        checksum_algorithm=location.checksum_algorithm,
+        file_type=file_type,
+        metadata={"module": module.name, "file_number": number, "simulated": True},
+        verify=True,
+        actor=actor,
+    )
+    if created:
+        result.files_created += 1
+    else:
+        result.files_present += 1
