@@ -1,0 +1,418 @@
+"""Field types shared by the instrument forms, and the base form every instrument form extends.
+
+A reduction form is the parameter schema of one instrument: its fields are the template keys,
+each field's ``initial`` is the default, and ``clean()`` holds the cross-field rules. Forms only
+validate; ``reduction.services`` writes.
+
+Values travel as JSON (``ReductionProperty.value`` is a JSONField). Every field here converts a
+stored JSON value to the text shown in the widget (``prepare_value``) and the submitted text back
+to JSON (``clean``), and the round trip is the identity, so a stored value re-validates exactly.
+Nothing is ever evaluated: masks and lists are parsed with small explicit grammars.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+from django import forms
+from django.core.exceptions import ValidationError
+
+# --- Integer range lists ("1,3-5") ---------------------------------------------------------------
+
+_RANGE_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def parse_int_ranges(
+    text: str, *, minimum: int | None = None, maximum: int | None = None
+) -> list[tuple[int, int]]:
+    """Parse ``"1,3-5"`` into ``[(1, 1), (3, 5)]``.
+
+    Raises ValidationError for anything else: negative numbers, descending ranges, values outside
+    ``[minimum, maximum]``, empty items. Overlapping items are allowed (masking twice is harmless).
+    """
+    items = text.split(",")
+    ranges: list[tuple[int, int]] = []
+    for item in items:
+        match = _RANGE_ITEM.match(item)
+        if not match:
+            raise ValidationError(
+                "%(item)r is not a number or a range like 3-5", params={"item": item.strip()}
+            )
+        low = int(match.group(1))
+        high = int(match.group(2)) if match.group(2) is not None else low
+        if high < low:
+            raise ValidationError("range %(item)s goes downwards", params={"item": item.strip()})
+        if minimum is not None and low < minimum:
+            raise ValidationError(
+                "%(value)s is below the smallest allowed value %(minimum)s",
+                params={"value": low, "minimum": minimum},
+            )
+        if maximum is not None and high > maximum:
+            raise ValidationError(
+                "%(value)s is above the largest allowed value %(maximum)s",
+                params={"value": high, "maximum": maximum},
+            )
+        ranges.append((low, high))
+    return ranges
+
+
+def format_int_ranges(ranges: Iterable[tuple[int, int]]) -> str:
+    return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges)
+
+
+class IntegerRangeListField(forms.CharField):
+    """``"1,3-5"`` → the canonical string ``"1,3-5"`` (spaces removed, order kept)."""
+
+    def __init__(
+        self, *, min_item: int | None = None, max_item: int | None = None, **kwargs: Any
+    ) -> None:
+        self.min_item = min_item
+        self.max_item = max_item
+        super().__init__(**kwargs)
+
+    def clean(self, value: Any) -> str:
+        text = super().clean(value)
+        if not text:
+            return ""
+        return format_int_ranges(
+            parse_int_ranges(text, minimum=self.min_item, maximum=self.max_item)
+        )
+
+
+# --- Float lists ("-0.5, 1e-3") ------------------------------------------------------------------
+
+
+class FloatListField(forms.CharField):
+    """Comma-separated floats, scientific notation included → ``list[float]``.
+
+    ``length`` fixes the number of items (e.g. 3 for a vector); ``min_value``/``max_value``
+    bound every item.
+    """
+
+    def __init__(
+        self,
+        *,
+        length: int | None = None,
+        min_value: float | None = None,
+        max_value: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.length = length
+        self.item_min = min_value
+        self.item_max = max_value
+        super().__init__(**kwargs)
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, list):
+            return ", ".join(repr(float(v)) for v in value)
+        return value
+
+    def clean(self, value: Any) -> list[float]:
+        text = super().clean(self.prepare_value(value))
+        if not text:
+            return []
+        numbers: list[float] = []
+        for item in text.split(","):
+            try:
+                number = float(item.strip())
+            except ValueError:
+                raise ValidationError(
+                    "%(item)r is not a number", params={"item": item.strip()}
+                ) from None
+            if not math.isfinite(number):
+                raise ValidationError("%(item)r is not a finite number", params={"item": item})
+            if self.item_min is not None and number < self.item_min:
+                raise ValidationError(
+                    "%(value)s is below %(minimum)s",
+                    params={"value": number, "minimum": self.item_min},
+                )
+            if self.item_max is not None and number > self.item_max:
+                raise ValidationError(
+                    "%(value)s is above %(maximum)s",
+                    params={"value": number, "maximum": self.item_max},
+                )
+            numbers.append(number)
+        if self.length is not None and len(numbers) != self.length:
+            raise ValidationError(
+                "expected %(length)s numbers, got %(count)s",
+                params={"length": self.length, "count": len(numbers)},
+            )
+        return numbers
+
+
+# --- Name lists (motor and sample-environment log names) -----------------------------------------
+
+_LOG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-]*$")
+
+
+class NameListField(forms.CharField):
+    """Comma-separated log/PV names like ``"s1, SampleTemp"`` → ``list[str]``."""
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, list):
+            return ", ".join(str(v) for v in value)
+        return value
+
+    def clean(self, value: Any) -> list[str]:
+        text = super().clean(self.prepare_value(value))
+        if not text:
+            return []
+        names = [item.strip() for item in text.split(",")]
+        for name in names:
+            if not _LOG_NAME.match(name):
+                raise ValidationError(
+                    "%(name)r is not a log name (letters, digits, _ . : -; starts with a letter)",
+                    params={"name": name},
+                )
+        return names
+
+
+# --- Absolute paths ------------------------------------------------------------------------------
+
+
+class AbsolutePathField(forms.CharField):
+    """An absolute POSIX path on the cluster, optionally with one of ``suffixes``.
+
+    Existence is not checked: the web server usually cannot see the analysis file system; the
+    reduction script checks at run time and says which file is missing.
+    """
+
+    def __init__(self, *, suffixes: tuple[str, ...] = (), **kwargs: Any) -> None:
+        self.suffixes = suffixes
+        kwargs.setdefault("max_length", 500)
+        super().__init__(**kwargs)
+
+    def clean(self, value: Any) -> str:
+        text = super().clean(value)
+        if not text:
+            return ""
+        if not text.startswith("/"):
+            raise ValidationError("must be an absolute path starting with /")
+        if any(ch in text for ch in "\x00\n\r\t"):
+            raise ValidationError("must not contain control characters")
+        if "/../" in f"{text}/" or text.endswith("/.."):
+            raise ValidationError("must not contain ..")
+        if self.suffixes and not text.endswith(self.suffixes):
+            raise ValidationError(
+                "must end with %(suffixes)s", params={"suffixes": " or ".join(self.suffixes)}
+            )
+        return text
+
+
+# --- Masks ---------------------------------------------------------------------------------------
+
+MASK_PARTS = ("bank", "tube", "pixel")
+
+
+def parse_mask(text: str, limits: Mapping[str, int]) -> list[dict[str, str]]:
+    """Parse the mask text of the form into rows.
+
+    Grammar (one mask row per line, blank lines and ``#`` comments ignored)::
+
+        row   := part ((";" | whitespace) part)*
+        part  := ("Bank" | "Tube" | "Pixel") "=" ranges       (names case-insensitive)
+        ranges:= "1,3-5"-style integer ranges within 1..limits[part]
+
+    ``Bank=36-50`` masks whole banks; ``Bank=1-50; Pixel=1-8,121-128`` masks the first and last
+    eight pixels of every tube in every bank. A row names each part at most once and at least one
+    part. Returns ``[{"bank": "36-50"}, {"bank": "1-50", "pixel": "1-8,121-128"}]`` with parts in
+    bank, tube, pixel order and canonical ranges, so equal masks compare equal.
+    """
+    rows: list[dict[str, str]] = []
+    for number, raw_line in enumerate(text.splitlines(), start=1):
+        line = raw_line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        row: dict[str, str] = {}
+        for chunk in re.split(r"[;\s]+(?=[A-Za-z])", line):
+            chunk = chunk.strip().rstrip(";").strip()
+            name, sep, ranges = chunk.partition("=")
+            part = name.strip().lower()
+            if not sep or part not in MASK_PARTS:
+                raise ValidationError(
+                    "line %(line)s: %(chunk)r is not Bank=…, Tube=… or Pixel=…",
+                    params={"line": number, "chunk": chunk},
+                )
+            if part in row:
+                raise ValidationError(
+                    "line %(line)s: %(part)s given twice", params={"line": number, "part": name}
+                )
+            try:
+                parsed = parse_int_ranges(ranges.replace(" ", ""), minimum=1, maximum=limits[part])
+            except ValidationError as exc:
+                raise ValidationError(
+                    "line %(line)s, %(part)s: %(error)s",
+                    params={"line": number, "part": name.strip(), "error": exc.messages[0]},
+                ) from None
+            row[part] = format_int_ranges(parsed)
+        rows.append({part: row[part] for part in MASK_PARTS if part in row})
+    return rows
+
+
+def format_mask(rows: Iterable[Mapping[str, str]]) -> str:
+    """Inverse of parse_mask: one ``Bank=…; Tube=…; Pixel=…`` line per row."""
+    return "\n".join(
+        "; ".join(f"{part.capitalize()}={row[part]}" for part in MASK_PARTS if row.get(part))
+        for row in rows
+    )
+
+
+class MaskField(forms.CharField):
+    """Detector mask rows (see parse_mask) → ``list[{"bank"?, "tube"?, "pixel"?: ranges}]``."""
+
+    widget = forms.Textarea(attrs={"rows": 4, "spellcheck": "false"})
+
+    def __init__(self, *, banks: int, tubes: int, pixels: int, **kwargs: Any) -> None:
+        self.limits = {"bank": banks, "tube": tubes, "pixel": pixels}
+        kwargs.setdefault("required", False)
+        super().__init__(**kwargs)
+
+    def prepare_value(self, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        rows: list[dict[str, str]] = []
+        for row in value:
+            # Rows from an import file or the database: only bank/tube/pixel, as "1-3" or 7.
+            ok = isinstance(row, Mapping) and row and set(row) <= set(MASK_PARTS)
+            if not ok or not all(
+                isinstance(v, str | int) and not isinstance(v, bool) for v in row.values()
+            ):
+                raise ValidationError(
+                    "mask rows must be objects like {'bank': '36-50', 'pixel': '1-8'}, got %(row)r",
+                    params={"row": row},
+                )
+            rows.append({part: str(v) for part, v in row.items()})
+        return format_mask(rows)
+
+    def clean(self, value: Any) -> list[dict[str, str]]:
+        text = super().clean(self.prepare_value(value))
+        return parse_mask(text or "", self.limits)
+
+
+# --- The base form -------------------------------------------------------------------------------
+
+_NUMBER_FIELDS = (forms.FloatField, forms.IntegerField, forms.DecimalField)
+_LIST_FIELDS = (FloatListField, NameListField, MaskField, forms.MultipleChoiceField)
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "text", bool: "true/false"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def check_json_type(field: forms.Field, value: Any) -> str | None:
+    """Why ``value`` (a JSON value from the database, an import file or the command line) cannot
+    be given to ``field``, or None. Text is accepted for every non-boolean field because that is
+    what a browser or ``set KEY=VALUE`` sends; the field then parses it."""
+    if isinstance(field, forms.BooleanField):
+        return None if isinstance(value, bool) else f"expected true/false, got {_type_name(value)}"
+    if isinstance(value, str):
+        return None
+    if isinstance(field, _NUMBER_FIELDS):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return None if ok else f"expected a number, got {_type_name(value)}"
+    if isinstance(field, _LIST_FIELDS):
+        return None if isinstance(value, list) else f"expected a list, got {_type_name(value)}"
+    return f"expected text, got {_type_name(value)}"
+
+
+class ReductionForm(forms.Form):
+    """Base of every instrument form. Subclasses declare fields (name = template key, ``initial``
+    = default, ``help_text`` with units) and may add cross-field rules in ``clean()``."""
+
+    # Fields shown together under a heading on the page, in order: (heading, [field names]).
+    # Fields not listed go under "Other".
+    sections: ClassVar[list[tuple[str, list[str]]]] = []
+
+    @classmethod
+    def parameter_names(cls) -> list[str]:
+        return list(cls.base_fields)
+
+    @classmethod
+    def initial_values(cls) -> dict[str, Any]:
+        return {name: field.initial for name, field in cls.base_fields.items()}
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> ReductionForm:
+        """Bind a complete JSON value set (e.g. from the database or an import file) to the form.
+
+        Unknown keys, missing keys and values of the wrong JSON type become errors on the bound
+        form (naming the key), next to whatever the fields and ``clean()`` find.
+        """
+        data: dict[str, Any] = {}
+        problems: dict[str, str] = {}
+        for name, field in cls.base_fields.items():
+            if name not in values:
+                problems[name] = "missing: every parameter of the instrument must be given"
+                continue
+            value = values[name]
+            problem = check_json_type(field, value)
+            if problem:
+                problems[name] = problem
+                continue
+            if isinstance(field, forms.BooleanField):
+                if value:
+                    data[name] = "on"
+            elif isinstance(field, forms.MultipleChoiceField):
+                data[name] = [value] if isinstance(value, str) else value
+            else:
+                try:
+                    prepared = field.prepare_value(value)
+                except ValidationError as exc:
+                    problems[name] = exc.messages[0]
+                    continue
+                data[name] = prepared if isinstance(prepared, str) else repr(prepared)
+        form = cls(data=data)
+        form._binding_problems = problems
+        form._unknown_keys = sorted(set(values) - set(cls.base_fields))
+        return form
+
+    _binding_problems: dict[str, str]
+    _unknown_keys: list[str]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._binding_problems = {}
+        self._unknown_keys = []
+
+    def full_clean(self) -> None:
+        super().full_clean()
+        if not self.is_bound:
+            return
+        for name, problem in self._binding_problems.items():
+            # The field parsed an empty value in place of the rejected one; its message would
+            # only confuse, so the binding problem replaces it.
+            self.errors.pop(name, None)
+            self.add_error(name, problem)
+        for key in self._unknown_keys:
+            self.add_error(None, f"{key}: unknown parameter")
+
+    def cleaned_values(self) -> dict[str, Any]:
+        """The validated parameter values as JSON, in field order (call after is_valid())."""
+        return {name: self.cleaned_data[name] for name in self.base_fields}
+
+    def sectioned_fields(self) -> list[tuple[str, list[forms.BoundField]]]:
+        listed: set[str] = set()
+        result: list[tuple[str, list[forms.BoundField]]] = []
+        for heading, names in self.sections:
+            result.append((heading, [self[name] for name in names]))
+            listed.update(names)
+        rest = [self[name] for name in self.fields if name not in listed]
+        if rest:
+            result.append(("Other", rest))
+        return result
+
+    def require_less(self, low: str, high: str, message: str) -> None:
+        """Cross-field rule: ``cleaned_data[low] < cleaned_data[high]`` when both are valid."""
+        a, b = self.cleaned_data.get(low), self.cleaned_data.get(high)
+        if a is not None and b is not None and not a < b:
+            self.add_error(high, message)
+
+
+def errors_as_dict(form: forms.Form) -> dict[str, list[str]]:
+    """``{"field": [messages]}`` with non-field errors under ``"__all__"``."""
+    return {name: [str(m) for m in messages] for name, messages in form.errors.items()}

@@ -1,0 +1,361 @@
+"""Writes of the reduction configuration: save, reset, per-run scripts, staleness.
+
+Every change goes through ``reduction_config_update``: one validation (the instrument's form),
+one transaction (properties, audit rows, the new ParameterSet, stale products), one rendering
+(the sandboxed environment of ``reduction.rendering``) and one atomic file replacement. Any
+failure leaves the database and the script file as they were.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+from collections.abc import Mapping
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from reduction.errors import InvalidParameters, ReductionConfigError, ScriptWriteError
+from reduction.forms import errors_as_dict
+from reduction.instruments import get_instrument
+from reduction.instruments.base import Instrument
+from reduction.models import (
+    ParameterSet,
+    ParameterSetAction,
+    PropertyModification,
+    ReductionConfigLock,
+    ReductionProperty,
+)
+from reduction.rendering import ScriptRenderError, checksum, render_source, script_context
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
+
+    from pipelines.models import ExecutedReductionStep
+
+
+@dataclass(frozen=True)
+class ConfigWriteResult:
+    """What a save did. ``created`` is False when the values and the rendered script equal the
+    latest version: no new version, no audit rows, the script on disk re-checked."""
+
+    parameter_set: ParameterSet
+    path: Path
+    checksum: str
+    changed_keys: list[str]
+    created: bool = True
+
+
+# --- Reading -------------------------------------------------------------------------------------
+
+
+def reduction_config_current(instrument_key: str) -> dict[str, Any]:
+    """The instrument's current values: stored rows, else the form's defaults, in form order.
+    Rows for keys the form no longer has are ignored."""
+    instrument = get_instrument(instrument_key)
+    values = instrument.defaults()
+    stored = dict(
+        ReductionProperty.objects.filter(instrument=instrument_key).values_list("key", "value")
+    )
+    return {key: stored.get(key, default) for key, default in values.items()}
+
+
+def validate_values(instrument: Instrument, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The complete, validated value set, or InvalidParameters naming every bad key."""
+    form = instrument.form_class.from_values(values)
+    if not form.is_valid():
+        raise InvalidParameters(instrument.key, errors_as_dict(form))
+    return form.cleaned_values()
+
+
+def _render(instrument: Instrument, values: Mapping[str, Any], version: int | None) -> str:
+    try:
+        source = instrument.template_source()
+    except OSError as exc:
+        raise ScriptRenderError(
+            instrument.template_name, f"cannot read the template: {exc}"
+        ) from exc
+    context = script_context(
+        values, instrument_key=instrument.key, label=instrument.label, version=version
+    )
+    return render_source(source, context, template_name=instrument.template_name)
+
+
+def reduction_config_render(
+    instrument_key: str, values: Mapping[str, Any], *, version: int | None = None
+) -> str:
+    """The script ``values`` would produce (a preview: validates and renders, writes nothing)."""
+    instrument = get_instrument(instrument_key)
+    return _render(instrument, validate_values(instrument, values), version)
+
+
+# --- Files ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Installed:
+    """A script file we replaced, and what was there before, so a failed commit can undo it."""
+
+    path: Path
+    previous: bytes | None
+    written_checksum: str
+
+    def undo(self) -> None:
+        # Only if the file is still ours: never clobber what a later save wrote.
+        try:
+            current = self.path.read_bytes()
+        except FileNotFoundError:
+            current = None
+        if current is None or checksum(current.decode("utf-8", "replace")) != self.written_checksum:
+            return
+        if self.previous is None:
+            with suppress(FileNotFoundError):
+                self.path.unlink()
+        else:
+            _atomic_write(self.path, self.previous)
+
+
+def _atomic_write(path: Path, content: bytes) -> None:
+    """Write ``content`` to ``path`` so that readers see the old file or the new one, never a
+    partial one: a temporary file in the same directory, fsync, rename over."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise ScriptWriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, path)
+    except OSError as exc:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise ScriptWriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _install(path: Path, script: str) -> _Installed | None:
+    """Replace ``path`` with ``script`` unless it already holds exactly that."""
+    try:
+        previous: bytes | None = path.read_bytes()
+    except FileNotFoundError:
+        previous = None
+    except OSError as exc:
+        raise ScriptWriteError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    content = script.encode("utf-8")
+    if previous == content:
+        return None
+    _atomic_write(path, content)
+    return _Installed(path, previous, checksum(script))
+
+
+# --- Saving --------------------------------------------------------------------------------------
+
+
+def reduction_config_update(
+    instrument_key: str,
+    *,
+    values: Mapping[str, Any],
+    user: User | None,
+    comment: str = "",
+    action: str = ParameterSetAction.EDIT,
+) -> ConfigWriteResult:
+    """Save a complete value set of one instrument and install its script.
+
+    In one transaction, holding the instrument's lock row: store the properties whose value
+    changed (one PropertyModification each, with old and new value, user and the new version),
+    create the next ParameterSet with the rendered script and its sha256, mark products made with
+    older versions stale, and atomically replace ``reduce_<KEY>.py`` in the instrument's output
+    directory. If the database commit fails after the file was replaced, the previous file is put
+    back. Raises UnknownInstrument, InvalidParameters, ScriptRenderError or ScriptWriteError with
+    nothing changed.
+    """
+    instrument = get_instrument(instrument_key)
+    cleaned = validate_values(instrument, values)
+    path = instrument.script_path()
+    # The lock row must exist before the transaction that locks it; get_or_create copes with two
+    # processes creating it at once.
+    ReductionConfigLock.objects.get_or_create(instrument=instrument_key)
+    installed: _Installed | None = None
+    try:
+        with transaction.atomic():
+            ReductionConfigLock.objects.select_for_update().get(instrument=instrument_key)
+            latest = ParameterSet.objects.latest_for(instrument_key)
+            rows = {p.key: p for p in ReductionProperty.objects.filter(instrument=instrument_key)}
+            changed = [k for k, v in cleaned.items() if k not in rows or rows[k].value != v]
+
+            if not changed and latest is not None and latest.values == cleaned:
+                script = _render(instrument, cleaned, latest.number)
+                if checksum(script) == latest.script_checksum:
+                    installed = _install(path, script)
+                    return ConfigWriteResult(latest, path, latest.script_checksum, [], False)
+
+            number = latest.number + 1 if latest else 1
+            script = _render(instrument, cleaned, number)
+            digest = checksum(script)
+            parameter_set = ParameterSet.objects.create(
+                instrument=instrument_key,
+                number=number,
+                values=cleaned,
+                script_path=str(path),
+                script_checksum=digest,
+                script_text=script,
+                author=user,
+                comment=comment,
+                action=action,
+            )
+            for key in changed:
+                row = rows.get(key)
+                old = row.value if row is not None else None
+                if row is None:
+                    row = ReductionProperty.objects.create(
+                        instrument=instrument_key, key=key, value=cleaned[key]
+                    )
+                else:
+                    row.value = cleaned[key]
+                    row.save(update_fields=["value", "updated_at"])
+                PropertyModification.objects.create(
+                    property=row,
+                    parameter_set=parameter_set,
+                    user=user,
+                    old_value=old,
+                    new_value=cleaned[key],
+                )
+            mark_stale_products(instrument_key, parameter_set)
+            # Last, so that every database error above happens before the file changes.
+            installed = _install(path, script)
+    except BaseException:
+        if installed is not None:
+            installed.undo()
+        raise
+    return ConfigWriteResult(parameter_set, path, digest, changed, True)
+
+
+def reduction_config_reset(
+    instrument_key: str, *, user: User | None, comment: str = ""
+) -> ConfigWriteResult:
+    """Save the instrument's defaults as a new version, audited like any edit."""
+    instrument = get_instrument(instrument_key)
+    return reduction_config_update(
+        instrument_key,
+        values=instrument.defaults(),
+        user=user,
+        comment=comment or "Reset to defaults",
+        action=ParameterSetAction.RESET,
+    )
+
+
+# --- Comparing versions --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ValueChange:
+    key: str
+    old: Any
+    new: Any
+
+    @property
+    def changed(self) -> bool:
+        return self.old != self.new
+
+
+@dataclass(frozen=True)
+class ConfigDiff:
+    old: ParameterSet
+    new: ParameterSet
+    values: list[ValueChange]
+    script_lines: list[str]
+
+    @property
+    def changed_values(self) -> list[ValueChange]:
+        return [v for v in self.values if v.changed]
+
+
+def reduction_config_diff(old: ParameterSet, new: ParameterSet) -> ConfigDiff:
+    """Values side by side (every key of either version; a key one version lacks shows None)
+    and a unified diff of the two scripts."""
+    if old.instrument != new.instrument:
+        raise ReductionConfigError(
+            f"cannot compare {old} with {new}: they belong to different instruments"
+        )
+    keys = list(old.values) + [k for k in new.values if k not in old.values]
+    values = [ValueChange(key, old.values.get(key), new.values.get(key)) for key in keys]
+    script_lines = list(
+        difflib.unified_diff(
+            old.script_text.splitlines(),
+            new.script_text.splitlines(),
+            fromfile=f"v{old.number}",
+            tofile=f"v{new.number}",
+            lineterm="",
+        )
+    )
+    return ConfigDiff(old, new, values, script_lines)
+
+
+# --- The workflow link ---------------------------------------------------------------------------
+
+
+def reduction_script_for_run(run: ExecutedReductionStep, config_dir: Path) -> ParameterSet:
+    """Pin the parameter set a run uses and put its script in the run's config directory.
+
+    The run keeps the version it was first given (a retry runs the same script); a new run gets
+    the instrument's latest version, created from the current values if the instrument has never
+    been saved. The script is written byte for byte as stored with the version (atomically, as
+    ``reduce_<KEY>.py``) after checking its checksum. Raises ReductionConfigError when the step
+    names no instrument or the stored script does not match its checksum.
+    """
+    from pipelines.models import ExecutedReductionStep
+
+    key = run.reduction_step.reduction_instrument
+    if not key:
+        raise ReductionConfigError(f"{run.reduction_step} does not name a reduction instrument")
+    instrument = get_instrument(key)
+    parameter_set = run.parameter_set
+    if parameter_set is None:
+        parameter_set = ParameterSet.objects.latest_for(key)
+        if parameter_set is None:
+            parameter_set = reduction_config_update(
+                key,
+                values=reduction_config_current(key),
+                user=None,
+                comment=f"first version, created for run {run.pk}",
+            ).parameter_set
+        # Conditional: if another worker pinned a version first, use that one.
+        pinned = ExecutedReductionStep.objects.filter(pk=run.pk, parameter_set__isnull=True).update(
+            parameter_set=parameter_set
+        )
+        if not pinned:
+            run.refresh_from_db(fields=["parameter_set"])
+            assert run.parameter_set is not None
+            parameter_set = run.parameter_set
+        run.parameter_set = parameter_set
+    if checksum(parameter_set.script_text) != parameter_set.script_checksum:
+        raise ReductionConfigError(
+            f"{parameter_set}: stored script does not match its checksum; not using it"
+        )
+    _atomic_write(
+        Path(config_dir) / instrument.script_name, parameter_set.script_text.encode("utf-8")
+    )
+    return parameter_set
+
+
+def mark_stale_products(instrument_key: str, parameter_set: ParameterSet) -> int:
+    """Mark products made with an older version of this instrument's parameters as stale (once:
+    products already stale keep their first date and reason). Returns how many were marked."""
+    from pipelines.models import DataProduct
+
+    reason = (
+        f"made with older {instrument_key} reduction parameters; v{parameter_set.number} is current"
+    )
+    return DataProduct.objects.filter(
+        produced_by__parameter_set__instrument=instrument_key,
+        produced_by__parameter_set__number__lt=parameter_set.number,
+        stale_since__isnull=True,
+    ).update(stale_since=timezone.now(), stale_reason=reason[:500])
