@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from io import StringIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.apps import apps
@@ -33,9 +34,9 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture(autouse=True)
-def _fast_password_hashing(settings: pytest.FixtureRequest) -> None:
+def _fast_password_hashing(settings: Any) -> None:
     # The loader hashes four demo passwords per run; the production hasher makes that seconds.
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # type: ignore[attr-defined]
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 def _row_counts() -> dict[str, int]:
@@ -111,7 +112,7 @@ def test_the_observatory_is_modelled_on_ccat() -> None:
         assert obs_unit.instrument_module_configurations.exists(), obs_unit.name
 
 
-def test_sites_locations_and_routes(settings: pytest.FixtureRequest) -> None:
+def test_sites_locations_and_routes(settings: Any) -> None:
     _run("load_demo_facility")
 
     assert set(Site.objects.values_list("short_name", flat=True)) == {"ccat", "cologne", "us"}
@@ -128,7 +129,7 @@ def test_sites_locations_and_routes(settings: pytest.FixtureRequest) -> None:
     }
     locations = DataLocation.objects.select_related("site")
     assert {(loc.site.short_name, loc.name, loc.location_type) for loc in locations} == expected
-    data_root = Path(settings.FACILITY_DATA_ROOT)  # type: ignore[attr-defined]
+    data_root = Path(settings.FACILITY_DATA_ROOT)
     for location in locations:
         assert location.storage_type == "disk"
         assert location.active
@@ -319,13 +320,18 @@ def test_simulate_reports_progress_per_scan_at_verbosity_2() -> None:
 
 
 # --- demo -----------------------------------------------------------------------------------------
-def test_demo_no_serve_sets_everything_up(settings: pytest.FixtureRequest) -> None:
+def test_demo_no_serve_sets_everything_up(client: Any) -> None:
     output = _run("demo", "--no-serve", "--count", "2")
 
     assert "Demo ready: http://127.0.0.1:8000/admin/" in output
     assert f"password '{DEFAULT_PASSWORD}'" in output
     assert ExecutedObsUnit.objects.filter(status="completed").count() == 2
     assert get_user_model().objects.filter(username="admin", is_superuser=True).exists()
+    # The printed login works on the admin site.
+    response = client.post(
+        "/admin/login/?next=/admin/", {"username": "admin", "password": DEFAULT_PASSWORD}
+    )
+    assert response.status_code == 302 and response["Location"] == "/admin/"
     assert StateEvent.objects.filter(entity="executed_obs_unit").count() == 4
     _assert_files_match_the_database()
 

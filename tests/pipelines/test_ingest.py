@@ -650,3 +650,15 @@ def test_bulk_repeat_is_idempotent_and_reports_what_existed(
 
     assert [created for _, created in results] == [False, False, True]
     assert RawDataFile.objects.count() == before["files"] + 1
+
+
+def test_bulk_with_the_same_item_twice_creates_it_once(
+    scan: ExecutedObsUnit, module: Any, source: DataLocation
+) -> None:
+    item = _file_kwargs(scan, module, source)
+
+    results = raw_data_files_register_bulk([item, dict(item)], actor="api")
+
+    assert [created for _, created in results] == [True, False]
+    assert results[0][0].pk == results[1][0].pk
+    assert RawDataFile.objects.count() == 1
