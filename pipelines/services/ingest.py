@@ -13,6 +13,7 @@ it later.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import socket
 import uuid
@@ -262,12 +263,15 @@ def raw_data_files_register_bulk(
     for index, item in enumerate(items):
         if not isinstance(item, Mapping):
             raise IngestError(f"item {index}: expected an object, got {type(item).__name__}")
+        unknown = sorted(set(item) - _ITEM_FIELDS)
+        missing = sorted(_REQUIRED_ITEM_FIELDS - set(item))
+        if unknown or missing:
+            problems = [f"unknown fields: {', '.join(unknown)}"] if unknown else []
+            problems += [f"missing fields: {', '.join(missing)}"] if missing else []
+            raise IngestError(f"item {index}: {'; '.join(problems)}")
         try:
             prepared.append(_prepare_file(**item))
         except IngestError as exc:
-            raise IngestError(f"item {index}: {exc}") from exc
-        except TypeError as exc:
-            # Unknown or missing keys; the message names them.
             raise IngestError(f"item {index}: {exc}") from exc
     results: list[tuple[RawDataFile, bool]] = []
     with transaction.atomic():
@@ -381,6 +385,14 @@ def _prepare_file(
                 full_path, size=size, checksum=digest, algorithm=checksum_algorithm
             )
     return _PreparedFile(values, verified)
+
+
+_ITEM_FIELDS = frozenset(inspect.signature(_prepare_file).parameters)
+_REQUIRED_ITEM_FIELDS = frozenset(
+    name
+    for name, parameter in inspect.signature(_prepare_file).parameters.items()
+    if parameter.default is inspect.Parameter.empty
+)
 
 
 def _write_file(prepared: _PreparedFile, *, actor: str) -> tuple[RawDataFile, bool]:
