@@ -25,6 +25,7 @@ class CopyInline(ReadOnlyTabularInline):
     model = PhysicalCopy
     fields = ("location", "status", "integrity", "checksum_verified_at", "relative_path")
     readonly_fields = fields
+    select_related = ("location__site",)
     verbose_name_plural = "physical copies (newest first, first 50)"
 
 
@@ -113,6 +114,7 @@ class TransferOfBundleInline(ReadOnlyTabularInline):
     model = DataTransfer
     fields = ("destination_location", "status", "unpack_status", "retry_count", "updated_at")
     readonly_fields = fields
+    select_related = ("destination_location__site",)
     verbose_name_plural = "transfers (first 50)"
 
 

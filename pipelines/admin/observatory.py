@@ -151,6 +151,7 @@ class RawDataPackageOfScanInline(ReadOnlyTabularInline):
     model = RawDataPackage
     fields = ("name", "instrument_module", "status", "state", "size", "file_count")
     readonly_fields = fields
+    select_related = ("instrument_module__instrument",)
     verbose_name_plural = "raw data packages (newest first, first 50)"
 
 

@@ -100,6 +100,7 @@ class RunOfStepInline(ReadOnlyTabularInline):
     model = ExecutedReductionStep
     fields = ("sub_group_key", "status", "triggered_by", "retry_count", "hpc_job_id", "created_at")
     readonly_fields = fields
+    select_related = ("reduction_step__pipeline",)
     verbose_name_plural = "runs (newest first, first 50)"
 
 

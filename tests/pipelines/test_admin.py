@@ -12,8 +12,9 @@ import pytest
 from django.contrib import admin, messages
 from django.contrib.admin.filters import AllValuesFieldListFilter
 from django.contrib.messages import get_messages
-from django.db import models
+from django.db import connection, models
 from django.test import Client, RequestFactory
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 from factory.django import DjangoModelFactory
@@ -226,6 +227,76 @@ def test_search_and_every_filter_answer(model, operator_client):
         assert response.status_code == 200
 
 
+PIPELINES_REGISTERED = [model for model in REGISTERED if model._meta.app_label == "pipelines"]
+
+
+def _changelist_queries(client: Client, model: type[models.Model]) -> int:
+    with CaptureQueriesContext(connection) as queries:
+        assert client.get(_url(model, "changelist")).status_code == 200
+    return len(queries)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("model", PIPELINES_REGISTERED, ids=_label)
+def test_changelist_queries_do_not_grow_with_rows(model, operator_client):
+    factory = factory_for(model)
+    factory()
+    _changelist_queries(operator_client, model)  # fills process-wide caches
+    one_row = _changelist_queries(operator_client, model)
+    # Each factory row brings its own parents (locations, sites, steps), so this also covers
+    # the labels of filter choices, not only the columns.
+    factory.create_batch(3)
+    assert _changelist_queries(operator_client, model) == one_row
+
+
+def _children_of_package(package: Any) -> None:
+    factories.RawDataFileFactory(raw_data_package=package)
+    factories.PhysicalCopyFactory(raw_data_package=package)
+
+
+def _children_of_bundle(bundle: Any) -> None:
+    factories.RawDataPackageFactory(data_transfer_package=bundle)
+    factories.DataTransferFactory(data_transfer_package=bundle)
+    factories.PhysicalCopyFactory(
+        kind="data_transfer_package", raw_data_package=None, data_transfer_package=bundle
+    )
+
+
+# Parents whose change page shows read-only inlines, and how to add one child to each inline.
+INLINE_PARENTS = {
+    m.RawDataPackage: _children_of_package,
+    m.DataTransferPackage: _children_of_bundle,
+    m.RawDataFile: lambda f: factories.PhysicalCopyFactory(
+        kind="raw_data_file", raw_data_package=None, raw_data_file=f
+    ),
+    m.DataTransfer: lambda t: factories.DataTransferLogFactory(data_transfer=t),
+    m.ReductionStep: lambda s: factories.ExecutedReductionStepFactory(reduction_step=s),
+    m.ExecutedReductionStep: lambda r: factories.DataProductFactory(produced_by=r),
+    m.ExecutedObsUnit: lambda e: factories.RawDataPackageFactory(executed_obs_unit=e),
+    m.PhysicalCopy: lambda c: factories.DeletionTaskFactory(physical_copy=c, status="completed"),
+}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("model", list(INLINE_PARENTS), ids=_label)
+def test_change_page_queries_do_not_grow_with_inline_rows(model, operator_client):
+    parent = factory_for(model)()
+    add_children = INLINE_PARENTS[model]
+    add_children(parent)
+    url = _url(model, "change", parent.pk)
+    # The first request fills process-wide caches (content types); measure after it.
+    operator_client.get(url)
+
+    with CaptureQueriesContext(connection) as first:
+        assert operator_client.get(url).status_code == 200
+    for _ in range(3):
+        add_children(parent)
+    with CaptureQueriesContext(connection) as second:
+        page = operator_client.get(url)
+    assert page.status_code == 200
+    assert len(second) == len(first)
+
+
 # --- declarative configuration -------------------------------------------------------------------
 @pytest.mark.parametrize("model", BIG_MODELS, ids=_label)
 def test_big_tables_skip_full_counts_and_distinct_filters(model):
@@ -241,11 +312,7 @@ def test_big_tables_skip_full_counts_and_distinct_filters(model):
             assert not (isinstance(spec, type) and issubclass(spec, AllValuesFieldListFilter))
 
 
-@pytest.mark.parametrize(
-    "model",
-    [model for model in REGISTERED if model._meta.app_label == "pipelines"],
-    ids=_label,
-)
+@pytest.mark.parametrize("model", PIPELINES_REGISTERED, ids=_label)
 def test_relations_to_big_tables_use_raw_id_widgets(model):
     model_admin = admin.site._registry[model]
     readonly_on_change = {
@@ -386,6 +453,27 @@ def test_read_only_inline_shows_files_of_a_package(operator_client):
     page = operator_client.get(_url(m.RawDataPackage, "change", package.pk)).content.decode()
     assert "raw/inside.fits" in page
     assert "raw/elsewhere.fits" not in page
+
+
+@pytest.mark.django_db
+def test_read_only_inlines_are_bounded(operator_client, monkeypatch):
+    monkeypatch.setattr("pipelines.admin.base.INLINE_LIMIT", 2)
+    package = factories.RawDataPackageFactory()
+    for name in ("a.fits", "b.fits", "c.fits"):
+        factories.RawDataFileFactory(raw_data_package=package, name=name)
+
+    page = operator_client.get(_url(m.RawDataPackage, "change", package.pk)).content.decode()
+    # Files are in path order; the third is only reachable through the "all files" link.
+    assert "raw/a.fits" in page and "raw/b.fits" in page
+    assert "raw/c.fits" not in page
+    assert f"raw_data_package__id__exact={package.pk}" in page
+
+
+@pytest.mark.django_db
+def test_read_only_inlines_are_left_off_the_add_page(operator_client):
+    page = operator_client.get(_url(m.RawDataPackage, "add"))
+    assert page.status_code == 200
+    assert page.context["inline_admin_formsets"] == []
 
 
 # --- actions -------------------------------------------------------------------------------------
