@@ -1,8 +1,246 @@
+"""Reduction configuration pages: one generic set of views for every registered instrument.
+
+Everyone logged in may view; saving, resetting (every POST that changes something) needs
+``can_change_instrument`` and answers 403 otherwise. Views check access, bind the form, call one
+service and render or redirect.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse
-from django.shortcuts import render
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.db.models import Prefetch
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from pipelines.services.access import can_change_instrument, instrument_group_name
+from reduction.errors import InvalidParameters, ReductionConfigError
+from reduction.forms import ReductionForm, errors_as_dict
+from reduction.instruments import UnknownInstrument, all_instruments, get_instrument
+from reduction.instruments.base import Instrument
+from reduction.models import ParameterSet, PropertyModification
+from reduction.rendering import checksum
+from reduction.services import (
+    ConfigWriteResult,
+    reduction_config_current,
+    reduction_config_diff,
+    reduction_config_render,
+    reduction_config_reset,
+    reduction_config_update,
+)
+
+COMMENT_MAX = 500
+
+
+def _instrument_or_404(key: str) -> Instrument:
+    try:
+        return get_instrument(key)
+    except UnknownInstrument:
+        raise Http404(f"no reduction configuration for instrument {key!r}") from None
+
+
+def _require_change(request: HttpRequest, instrument: Instrument) -> None:
+    if not can_change_instrument(request.user, instrument.key):
+        raise PermissionDenied(
+            f"only operators and members of {instrument_group_name(instrument.key)} may change "
+            f"the {instrument.label} configuration"
+        )
+
+
+def _confirm(request: HttpRequest, instrument: Instrument, result: ConfigWriteResult) -> None:
+    ps = result.parameter_set
+    if result.created:
+        changed = ", ".join(result.changed_keys) or "script only"
+        text = f"Saved {instrument.label} version {ps.number} (changed: {changed})."
+    else:
+        text = f"No changes: version {ps.number} is current."
+    messages.success(request, f"{text} Wrote {result.path} · sha256 {result.checksum}")
 
 
 @login_required
+@require_GET
 def index(request: HttpRequest) -> HttpResponse:
-    return render(request, "reduction/index.html", {})
+    rows = []
+    for instrument in all_instruments():
+        rows.append(
+            {
+                "instrument": instrument,
+                "latest": ParameterSet.objects.latest_for(instrument.key),
+                "can_change": can_change_instrument(request.user, instrument.key),
+            }
+        )
+    return render(request, "reduction/index.html", {"rows": rows})
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def configure(request: HttpRequest, key: str) -> HttpResponse:
+    instrument = _instrument_or_404(key)
+    can_change = can_change_instrument(request.user, key)
+    error = ""
+    form: ReductionForm
+    if request.method == "POST":
+        _require_change(request, instrument)
+        form = instrument.form_class(request.POST)
+        comment = request.POST.get("comment", "").strip()[:COMMENT_MAX]
+        if form.is_valid():
+            try:
+                result = reduction_config_update(
+                    key, values=form.cleaned_values(), user=request.user, comment=comment
+                )
+            except InvalidParameters as exc:
+                for field, field_errors in exc.errors.items():
+                    for message in field_errors:
+                        form.add_error(None if field == "__all__" else field, message)
+                error = "Not saved: some values are invalid (see the fields marked below)."
+            except ReductionConfigError as exc:
+                error = f"Not saved, nothing changed: {exc}"
+            else:
+                _confirm(request, instrument, result)
+                return redirect("reduction:configure", key=key)
+        else:
+            error = "Not saved: some values are invalid (see the fields marked below)."
+    else:
+        form = instrument.form_class(initial=reduction_config_current(key))
+        comment = ""
+    if not can_change:
+        for field in form.fields.values():
+            field.disabled = True
+    latest = ParameterSet.objects.latest_for(key)
+    script_state = _script_state(instrument, latest)
+    return render(
+        request,
+        "reduction/configure.html",
+        {
+            "instrument": instrument,
+            "form": form,
+            "can_change": can_change,
+            "group_name": instrument_group_name(key),
+            "latest": latest,
+            "comment": comment,
+            "error": error,
+            "script_state": script_state,
+        },
+    )
+
+
+def _script_state(instrument: Instrument, latest: ParameterSet | None) -> dict[str, Any]:
+    """Whether the installed script is the latest version's (someone may have edited it)."""
+    path = instrument.script_path()
+    try:
+        on_disk = path.read_text(encoding="utf-8")
+    except OSError:
+        return {"path": path, "present": False, "matches": False}
+    return {
+        "path": path,
+        "present": True,
+        "matches": latest is not None and checksum(on_disk) == latest.script_checksum,
+    }
+
+
+@login_required
+@require_POST
+def preview(request: HttpRequest, key: str) -> JsonResponse:
+    """The script the submitted values would produce. Writes nothing, so any logged-in user may
+    ask; answers 400 with per-field errors or 422 with the template error."""
+    instrument = _instrument_or_404(key)
+    form = instrument.form_class(request.POST)
+    if not form.is_valid():
+        return JsonResponse({"ok": False, "errors": errors_as_dict(form)}, status=400)
+    try:
+        script = reduction_config_render(key, form.cleaned_values())
+    except InvalidParameters as exc:
+        return JsonResponse({"ok": False, "errors": exc.errors}, status=400)
+    except ReductionConfigError as exc:
+        return JsonResponse({"ok": False, "error": str(exc)}, status=422)
+    return JsonResponse({"ok": True, "script": script, "checksum": checksum(script)})
+
+
+@login_required
+@require_POST
+def reset(request: HttpRequest, key: str) -> HttpResponse:
+    instrument = _instrument_or_404(key)
+    _require_change(request, instrument)
+    comment = request.POST.get("comment", "").strip()[:COMMENT_MAX]
+    try:
+        result = reduction_config_reset(key, user=request.user, comment=comment)
+    except ReductionConfigError as exc:
+        messages.error(request, f"Reset failed, nothing changed: {exc}")
+    else:
+        _confirm(request, instrument, result)
+    return redirect("reduction:configure", key=key)
+
+
+@login_required
+@require_GET
+def history(request: HttpRequest, key: str) -> HttpResponse:
+    instrument = _instrument_or_404(key)
+    versions = (
+        ParameterSet.objects.for_instrument(key)
+        .select_related("author")
+        .prefetch_related(
+            Prefetch(
+                "modifications",
+                queryset=PropertyModification.objects.select_related("property").order_by("id"),
+            )
+        )
+        .order_by("-number")
+    )
+    page = Paginator(versions, 50).get_page(request.GET.get("page"))
+    return render(
+        request,
+        "reduction/history.html",
+        {"instrument": instrument, "page": page, "versions": page.object_list},
+    )
+
+
+def _pretty(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+@login_required
+@require_GET
+def diff(request: HttpRequest, key: str) -> HttpResponse:
+    instrument = _instrument_or_404(key)
+    try:
+        a, b = int(request.GET["a"]), int(request.GET["b"])
+    except (KeyError, ValueError):
+        raise Http404("choose two versions: ?a=<number>&b=<number>") from None
+    old = get_object_or_404(ParameterSet, instrument=key, number=min(a, b))
+    new = get_object_or_404(ParameterSet, instrument=key, number=max(a, b))
+    result = reduction_config_diff(old, new)
+    rows = [
+        {"key": c.key, "old": _pretty(c.old), "new": _pretty(c.new), "changed": c.changed}
+        for c in result.values
+    ]
+    lines = [
+        {
+            "text": line,
+            "kind": "meta"
+            if line.startswith(("---", "+++", "@@"))
+            else "add"
+            if line.startswith("+")
+            else "del"
+            if line.startswith("-")
+            else "same",
+        }
+        for line in result.script_lines
+    ]
+    return render(
+        request,
+        "reduction/diff.html",
+        {
+            "instrument": instrument,
+            "old": old,
+            "new": new,
+            "rows": rows,
+            "changed_count": len(result.changed_values),
+            "lines": lines,
+        },
+    )

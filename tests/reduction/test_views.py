@@ -1,0 +1,193 @@
+"""The configuration pages over HTTP: who may see, who may change, what a save shows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.urls import reverse
+
+from reduction.instruments import get_instrument
+from reduction.models import ParameterSet, PropertyModification, ReductionProperty
+from reduction.services import reduction_config_current, reduction_config_update
+
+pytestmark = pytest.mark.django_db
+
+
+def post_data(key: str, **changes: Any) -> dict[str, Any]:
+    """What the browser sends for the current values with ``changes``."""
+    form = get_instrument(key).form_class.from_values(reduction_config_current(key))
+    data = {k: v for k, v in form.data.items()}
+    data.update(changes)
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def test_anonymous_users_are_sent_to_log_in(client: Any) -> None:
+    for name in ("configure", "history"):
+        response = client.get(reverse(f"reduction:{name}", args=["cncs"]))
+        assert response.status_code == 302
+        assert response["Location"].startswith("/admin/login/")
+    response = client.post(reverse("reduction:configure", args=["cncs"]), post_data("cncs"))
+    assert response.status_code == 302 and response["Location"].startswith("/admin/login/")
+    assert not ParameterSet.objects.exists()
+
+
+def test_unknown_instrument_is_404(client: Any, viewer: Any) -> None:
+    client.force_login(viewer)
+    assert client.get("/reduction/lrs/").status_code == 404
+
+
+def test_viewer_sees_current_values_read_only(client: Any, viewer: Any) -> None:
+    reduction_config_update(
+        "cncs", values=reduction_config_current("cncs") | {"e_min": -0.15}, user=None
+    )
+    client.force_login(viewer)
+
+    page = client.get(reverse("reduction:configure", args=["cncs"])).content.decode()
+
+    assert 'value="-0.15"' in page  # stored value, not the default -0.2
+    assert "Read only" in page and "scientists_cncs" in page
+    assert 'id="save-button"' not in page
+    assert "disabled" in page
+
+
+def test_an_unchecked_box_is_saved_as_false_and_shown_unchecked(
+    client: Any, cncs_scientist: Any
+) -> None:
+    client.force_login(cncs_scientist)
+    client.post(reverse("reduction:configure", args=["cncs"]), post_data("cncs", do_tib=None))
+    assert ReductionProperty.objects.get(instrument="cncs", key="do_tib").value is False
+    page = client.get(reverse("reduction:configure", args=["cncs"])).content.decode()
+    assert 'name="do_tib" id="id_do_tib"' in page
+    assert 'name="do_tib" id="id_do_tib" checked' not in page
+
+
+@pytest.mark.parametrize("who", ["viewer", "chai_scientist"])
+def test_users_who_may_not_change_get_403_and_nothing_changes(
+    client: Any, request: pytest.FixtureRequest, who: str
+) -> None:
+    client.force_login(request.getfixturevalue(who))
+    url = reverse("reduction:configure", args=["cncs"])
+
+    assert client.post(url, post_data("cncs", e_min="-0.1")).status_code == 403
+    assert client.post(reverse("reduction:reset", args=["cncs"])).status_code == 403
+    assert not ParameterSet.objects.exists()
+    assert not ReductionProperty.objects.exists()
+    assert not get_instrument("cncs").script_path().exists()
+
+
+def test_scientist_saves_and_sees_path_and_checksum(client: Any, cncs_scientist: Any) -> None:
+    client.force_login(cncs_scientist)
+    url = reverse("reduction:configure", args=["cncs"])
+
+    response = client.post(
+        url,
+        post_data("cncs", mask="Bank=36-50\nPixel=1-8,121-128", comment="beam stop"),
+        follow=True,
+    )
+
+    ps = ParameterSet.objects.get()
+    assert response.redirect_chain == [(url, 302)]
+    page = response.content.decode()
+    assert f"Saved {get_instrument('cncs').label} version 1" in page
+    assert str(get_instrument("cncs").script_path()) in page
+    assert ps.script_checksum in page
+    assert ps.author == cncs_scientist and ps.comment == "beam stop"
+    assert ps.values["mask"] == [{"bank": "36-50"}, {"pixel": "1-8,121-128"}]
+    assert "matches version 1" in page
+
+
+def test_operator_may_change_every_instrument(client: Any, operator: Any) -> None:
+    client.force_login(operator)
+    response = client.post(reverse("reduction:configure", args=["chai"]), post_data("chai"))
+    assert response.status_code == 302
+    assert ParameterSet.objects.get().instrument == "chai"
+
+
+def test_invalid_values_rerender_with_errors_next_to_fields(
+    client: Any, cncs_scientist: Any
+) -> None:
+    client.force_login(cncs_scientist)
+    response = client.post(
+        reverse("reduction:configure", args=["cncs"]),
+        post_data("cncs", e_min="0.5", e_max="0.2", mask="Bank=99", vanadium_file="van.nxs"),
+    )
+
+    assert response.status_code == 200
+    form = response.context["form"]
+    assert form.errors["e_max"] == ["Emax must be larger than Emin"]
+    assert "99 is above the largest allowed value 50" in form.errors["mask"][0]
+    assert form.errors["vanadium_file"] == ["must be an absolute path starting with /"]
+    page = response.content.decode()
+    assert 'data-field="mask"' in page and "Not saved" in page
+    assert not ParameterSet.objects.exists() and not PropertyModification.objects.exists()
+
+
+def test_a_write_failure_is_shown_with_the_exact_error(
+    client: Any, cncs_scientist: Any, settings: Any, tmp_path: Any
+) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    settings.REDUCTION_SCRIPT_DIR = blocker
+    client.force_login(cncs_scientist)
+
+    response = client.post(reverse("reduction:configure", args=["cncs"]), post_data("cncs"))
+
+    assert response.status_code == 200
+    assert "Not saved, nothing changed: cannot" in response.content.decode()
+    assert "Not a directory" in response.content.decode()
+    assert not ParameterSet.objects.exists()
+
+
+def test_preview_returns_the_script_without_saving(client: Any, viewer: Any) -> None:
+    client.force_login(viewer)
+    url = reverse("reduction:preview", args=["chai"])
+
+    ok = client.post(url, post_data("chai", baseline_order="3")).json()
+    bad = client.post(url, post_data("chai", baseline_order="9"))
+
+    assert ok["ok"] and "BASELINE_ORDER = 3\n" in ok["script"] and len(ok["checksum"]) == 64
+    assert bad.status_code == 400
+    assert "less than or equal to 5" in bad.json()["errors"]["baseline_order"][0]
+    assert not ParameterSet.objects.exists()
+    assert client.get(url).status_code == 405
+
+
+def test_reset_saves_defaults_and_confirms(client: Any, cncs_scientist: Any) -> None:
+    reduction_config_update(
+        "cncs", values=reduction_config_current("cncs") | {"e_step": 0.01}, user=None
+    )
+    client.force_login(cncs_scientist)
+
+    response = client.post(reverse("reduction:reset", args=["cncs"]), follow=True)
+
+    latest = ParameterSet.objects.latest_for("cncs")
+    assert latest is not None and latest.number == 2 and latest.action == "reset"
+    assert reduction_config_current("cncs") == get_instrument("cncs").defaults()
+    assert "version 2 (changed: e_step)" in response.content.decode()
+
+
+def test_history_and_diff(client: Any, viewer: Any) -> None:
+    values = reduction_config_current("cncs")
+    reduction_config_update("cncs", values=values, user=None, comment="start")
+    reduction_config_update("cncs", values=values | {"e_max": 0.8}, user=None)
+    client.force_login(viewer)
+
+    history = client.get(reverse("reduction:history", args=["cncs"])).content.decode()
+    diff = client.get(reverse("reduction:diff", args=["cncs"]), {"a": 2, "b": 1})
+
+    assert 'id="version-2"' in history and 'id="version-1"' in history and "start" in history
+    assert "<code>e_max</code>: <code>0.95</code> → <code>0.8</code>" in history
+    assert diff.status_code == 200
+    page = diff.content.decode()
+    assert "version 1 → version 2" in page and "1 value changed" in page
+    assert '<span class="del">-E_MAX = 0.95</span>' in page
+    assert '<span class="add">+E_MAX = 0.8</span>' in page
+    assert client.get(reverse("reduction:diff", args=["cncs"]), {"a": 1, "b": 9}).status_code == 404
+
+
+def test_index_lists_every_instrument(client: Any, cncs_scientist: Any) -> None:
+    client.force_login(cncs_scientist)
+    page = client.get(reverse("reduction:index")).content.decode()
+    for key in ("chai", "primecam", "cncs"):
+        assert reverse("reduction:configure", args=[key]) in page
