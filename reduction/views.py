@@ -8,10 +8,11 @@ service and render or redirect.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import Prefetch
@@ -45,12 +46,14 @@ def _instrument_or_404(key: str) -> Instrument:
         raise Http404(f"no reduction configuration for instrument {key!r}") from None
 
 
-def _require_change(request: HttpRequest, instrument: Instrument) -> None:
+def _require_change(request: HttpRequest, instrument: Instrument) -> User:
+    """The user making the change, or PermissionDenied (403) if they may not."""
     if not can_change_instrument(request.user, instrument.key):
         raise PermissionDenied(
             f"only operators and members of {instrument_group_name(instrument.key)} may change "
             f"the {instrument.label} configuration"
         )
+    return cast(User, request.user)
 
 
 def _confirm(request: HttpRequest, instrument: Instrument, result: ConfigWriteResult) -> None:
@@ -86,18 +89,18 @@ def configure(request: HttpRequest, key: str) -> HttpResponse:
     error = ""
     form: ReductionForm
     if request.method == "POST":
-        _require_change(request, instrument)
+        author = _require_change(request, instrument)
         form = instrument.form_class(request.POST)
         comment = request.POST.get("comment", "").strip()[:COMMENT_MAX]
         if form.is_valid():
             try:
                 result = reduction_config_update(
-                    key, values=form.cleaned_values(), user=request.user, comment=comment
+                    key, values=form.cleaned_values(), user=author, comment=comment
                 )
             except InvalidParameters as exc:
-                for field, field_errors in exc.errors.items():
+                for name, field_errors in exc.errors.items():
                     for message in field_errors:
-                        form.add_error(None if field == "__all__" else field, message)
+                        form.add_error(None if name == "__all__" else name, message)
                 error = "Not saved: some values are invalid (see the fields marked below)."
             except ReductionConfigError as exc:
                 error = f"Not saved, nothing changed: {exc}"
@@ -166,10 +169,10 @@ def preview(request: HttpRequest, key: str) -> JsonResponse:
 @require_POST
 def reset(request: HttpRequest, key: str) -> HttpResponse:
     instrument = _instrument_or_404(key)
-    _require_change(request, instrument)
+    author = _require_change(request, instrument)
     comment = request.POST.get("comment", "").strip()[:COMMENT_MAX]
     try:
-        result = reduction_config_reset(key, user=request.user, comment=comment)
+        result = reduction_config_reset(key, user=author, comment=comment)
     except ReductionConfigError as exc:
         messages.error(request, f"Reset failed, nothing changed: {exc}")
     else:

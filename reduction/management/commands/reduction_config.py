@@ -1,0 +1,170 @@
+"""Operator entry point for instrument reduction parameters (show, set, render, export, import).
+
+Writes go through the same service as the web form: validated, audited, versioned, and the
+instrument's script re-installed.
+"""
+
+from __future__ import annotations
+
+import json
+from argparse import ArgumentParser
+from pathlib import Path
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+
+from reduction.errors import ReductionConfigError
+from reduction.instruments import INSTRUMENTS, get_instrument
+from reduction.models import ParameterSet, ParameterSetAction
+from reduction.services import (
+    ConfigWriteResult,
+    reduction_config_current,
+    reduction_config_render,
+    reduction_config_update,
+)
+
+
+def _parse_assignment(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise CommandError(f"{text!r}: expected KEY=VALUE")
+    try:
+        value = json.loads(raw)  # numbers, true/false, lists, objects
+    except json.JSONDecodeError:
+        value = raw  # plain text: paths, "1,3-5", masks
+    return key.strip(), value
+
+
+class Command(BaseCommand):
+    help = (
+        "Show, change, render, export or import an instrument's reduction parameters. "
+        "Instruments: " + ", ".join(INSTRUMENTS)
+    )
+
+    def add_arguments(self, parser: ArgumentParser) -> None:
+        sub = parser.add_subparsers(dest="action", required=True)
+        show = sub.add_parser("show", help="current values (or those of --version N)")
+        show.add_argument("instrument")
+        show.add_argument("--version", type=int)
+        set_ = sub.add_parser("set", help="change KEY=VALUE (VALUE as JSON, else text)")
+        set_.add_argument("instrument")
+        set_.add_argument("assignments", nargs="+", metavar="KEY=VALUE")
+        render = sub.add_parser("render", help="print the script of the current or a version")
+        render.add_argument("instrument")
+        render.add_argument("--version", type=int)
+        export = sub.add_parser("export", help="write the values as JSON")
+        export.add_argument("instrument")
+        export.add_argument("--version", type=int)
+        export.add_argument("--output", type=Path, help="file (default: stdout)")
+        import_ = sub.add_parser("import", help="save the values of a JSON export")
+        import_.add_argument("instrument")
+        import_.add_argument("file", type=Path)
+        for writer in (set_, import_):
+            writer.add_argument("--user", help="username recorded as the author")
+            writer.add_argument("--comment", default="")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        key = options["instrument"]
+        try:
+            get_instrument(key)
+            getattr(self, f"_{options['action']}")(key, options)
+        except ReductionConfigError as exc:
+            raise CommandError(str(exc)) from exc
+
+    def _version(self, key: str, number: int | None) -> ParameterSet | None:
+        if number is None:
+            return None
+        try:
+            return ParameterSet.objects.get(instrument=key, number=number)
+        except ParameterSet.DoesNotExist:
+            raise CommandError(f"{key} has no version {number}") from None
+
+    def _values(self, key: str, number: int | None) -> dict[str, Any]:
+        ps = self._version(key, number)
+        return dict(ps.values) if ps else reduction_config_current(key)
+
+    def _user(self, username: str | None) -> Any:
+        if not username:
+            return None
+        try:
+            return get_user_model().objects.get(username=username)
+        except get_user_model().DoesNotExist:
+            raise CommandError(f"no user {username!r}") from None
+
+    def _report(self, result: ConfigWriteResult) -> None:
+        ps = result.parameter_set
+        if result.created:
+            changed = ", ".join(result.changed_keys) or "script only"
+            self.stdout.write(f"{ps}: saved (changed: {changed})")
+        else:
+            self.stdout.write(f"{ps}: no changes")
+        self.stdout.write(f"wrote {result.path} sha256 {result.checksum}")
+
+    def _show(self, key: str, options: dict[str, Any]) -> None:
+        values = self._values(key, options["version"])
+        latest = ParameterSet.objects.latest_for(key)
+        label = f"v{options['version']}" if options["version"] else "current"
+        self.stdout.write(
+            f"{key} ({label}; latest saved: {f'v{latest.number}' if latest else 'none'})"
+        )
+        width = max(len(k) for k in values)
+        for name, value in values.items():
+            self.stdout.write(f"  {name:<{width}}  {json.dumps(value)}")
+
+    def _set(self, key: str, options: dict[str, Any]) -> None:
+        changes = dict(_parse_assignment(a) for a in options["assignments"])
+        values = reduction_config_current(key)
+        unknown = sorted(set(changes) - set(values))
+        if unknown:
+            raise CommandError(f"{key}: unknown parameter(s): {', '.join(unknown)}")
+        result = reduction_config_update(
+            key,
+            values=values | changes,
+            user=self._user(options["user"]),
+            comment=options["comment"] or "manage.py reduction_config set",
+        )
+        self._report(result)
+
+    def _render(self, key: str, options: dict[str, Any]) -> None:
+        ps = self._version(key, options["version"]) or ParameterSet.objects.latest_for(key)
+        if ps is not None:
+            # The stored script, byte for byte: what the version installed and runs use.
+            self.stdout.write(ps.script_text, ending="")
+        else:
+            script = reduction_config_render(key, reduction_config_current(key))
+            self.stdout.write(script, ending="")
+
+    def _export(self, key: str, options: dict[str, Any]) -> None:
+        ps = self._version(key, options["version"]) or ParameterSet.objects.latest_for(key)
+        document = {
+            "instrument": key,
+            "version": ps.number if ps else None,
+            "values": self._values(key, options["version"]),
+        }
+        text = json.dumps(document, indent=2) + "\n"
+        if options["output"]:
+            options["output"].write_text(text)
+            self.stdout.write(f"exported {key} to {options['output']}")
+        else:
+            self.stdout.write(text, ending="")
+
+    def _import(self, key: str, options: dict[str, Any]) -> None:
+        try:
+            document = json.loads(options["file"].read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CommandError(f"cannot read {options['file']}: {exc}") from exc
+        if not isinstance(document, dict) or not isinstance(document.get("values"), dict):
+            raise CommandError(f'{options["file"]}: expected {{"values": {{...}}}}')
+        if document.get("instrument", key) != key:
+            raise CommandError(
+                f"{options['file']} holds {document['instrument']!r} values, not {key!r}"
+            )
+        result = reduction_config_update(
+            key,
+            values=document["values"],
+            user=self._user(options["user"]),
+            comment=options["comment"] or f"imported from {options['file'].name}",
+            action=ParameterSetAction.IMPORT,
+        )
+        self._report(result)

@@ -1,0 +1,65 @@
+"""The configuration page in Debian Chromium: fill, preview, save, reset, diff."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from reduction.instruments import get_instrument
+from reduction.models import ParameterSet
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+
+def test_scientist_previews_saves_resets_and_compares(browser_page: Any) -> None:
+    page = browser_page
+    page.goto("/reduction/cncs/")
+    assert page.locator("h1").inner_text() == get_instrument("cncs").label
+
+    # An invalid mask is caught by the preview, next to the field.
+    page.fill("#id_mask", "Bank=99")
+    page.click("#preview-button")
+    page.wait_for_selector('[data-errors-for="mask"] li')
+    assert "above the largest allowed value 50" in page.inner_text('[data-errors-for="mask"]')
+
+    # A valid change previews the script without saving it.
+    page.fill("#id_mask", "Bank=36-50\nPixel=1-8,121-128")
+    page.fill("#id_e_min", "-0.25")
+    page.click("#preview-button")
+    page.wait_for_selector("#preview-script:has-text('E_MIN = -0.25')")
+    assert "MASK = [{'bank': '36-50'}, {'pixel': '1-8,121-128'}]" in page.inner_text(
+        "#preview-script"
+    )
+    assert not ParameterSet.objects.exists()
+
+    # Save: the confirmation shows the path and checksum of the installed script.
+    page.fill("#id_comment", "beam stop")
+    page.click("#save-button")
+    page.wait_for_selector(".messages .success")
+    v1 = ParameterSet.objects.get()
+    confirmation = page.inner_text(".messages")
+    assert "version 1" in confirmation
+    assert str(get_instrument("cncs").script_path()) in confirmation
+    assert v1.script_checksum in confirmation
+    assert page.input_value("#id_e_min") == "-0.25"
+
+    # Reset to defaults (after confirming the dialog) saves version 2.
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#reset-button")
+    page.wait_for_selector(".messages .success:has-text('version 2')")
+    assert page.input_value("#id_e_min") == "-0.2"
+
+    # History: compare the two versions.
+    page.click("text=History and diffs")
+    page.wait_for_selector("#version-2")
+    page.check('input[name="a"][value="1"]')
+    page.check('input[name="b"][value="2"]')
+    page.click("#compare-button")
+    page.wait_for_selector("#diff-title")
+    assert "version 1 → version 2" in page.inner_text("#diff-title")
+    assert page.is_visible('#diff-values tr[data-key="e_min"]')
+    assert not page.is_visible('#diff-values tr[data-key="grouping_file"]')  # unchanged: hidden
+    assert "+E_MIN = -0.2" in page.inner_text("#script-diff")
+    page.uncheck("#only-changed")
+    assert page.is_visible('#diff-values tr[data-key="grouping_file"]')
