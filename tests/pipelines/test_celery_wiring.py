@@ -166,11 +166,33 @@ def test_queues_command_prints_a_comma_separated_list_for_dash_q(cologne: Any) -
     assert not any(name.startswith("chile_") for name in names)
 
 
+def test_queues_command_without_a_selection_lists_every_active_location(cologne: Any) -> None:
+    f.DataLocationFactory(site=cologne, name="buffer", location_type=LT.BUFFER)
+    f.DataLocationFactory(
+        site=f.SiteFactory(short_name="chile"), name="source", location_type=LT.SOURCE
+    )
+    out = StringIO()
+    call_command("queues", stdout=out)
+    assert out.getvalue().strip().split(",") == queues.discover_queues()
+
+
+def test_queues_command_for_a_worker_that_serves_only_the_fixed_queues(cologne: Any) -> None:
+    f.DataLocationFactory(site=cologne, name="buffer", location_type=LT.BUFFER)
+    out = StringIO()
+    call_command("queues", "--no-locations", "--managers", stdout=out)
+    assert out.getvalue().strip() == "workflow.default,workflow.managers"
+    out = StringIO()
+    call_command("queues", "--no-locations", "--workflow", stdout=out)
+    assert out.getvalue().strip() == "workflow.hpc,workflow.results,workflow.staging"
+
+
 def test_queues_command_fails_clearly_when_nothing_matches(db: None) -> None:
     from django.core.management import CommandError
 
     with pytest.raises(CommandError, match="no active location"):
         call_command("queues", "--site", "atlantis", stdout=StringIO())
+    with pytest.raises(CommandError, match="contradicts"):
+        call_command("queues", "--no-locations", "--site", "cologne", stdout=StringIO())
 
 
 # --- the router ----------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """Print the Celery queues a worker on this host should consume, for ``celery worker -Q``.
 
     celery -A workflow_site worker -Q "$(python manage.py queues --site cologne)"
-    celery -A workflow_site worker -Q "$(python manage.py queues --workflow --managers)"
+    celery -A workflow_site worker -Q "$(python manage.py queues --no-locations --managers)"
+
+Without ``--site``/``--location`` every active location's queues are listed; ``--no-locations``
+leaves them out for a worker that only serves the fixed queues.
 
 Queues come from the active Site/DataLocation rows (``pipelines.queues.discover_queues``), so a
 new location is served after a worker restart without any code change.
@@ -13,7 +16,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from pipelines.queues import DEFAULT_QUEUE, MANAGERS_QUEUE, discover_queues
+from pipelines.queues import DEFAULT_QUEUE, MANAGERS_QUEUE, WORKFLOW_QUEUES, discover_queues
 
 
 class Command(BaseCommand):
@@ -30,6 +33,11 @@ class Command(BaseCommand):
             help="only this DataLocation id (repeatable)",
         )
         parser.add_argument(
+            "--no-locations",
+            action="store_true",
+            help="leave out the per-location queues (a workflow- or manager-only worker)",
+        )
+        parser.add_argument(
             "--workflow",
             action="store_true",
             help="add the workflow queues (workflow.staging, workflow.hpc, workflow.results)",
@@ -41,13 +49,13 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        names = set(
-            discover_queues(
-                site=options["site"],
-                location_ids=options["locations"],
-                include_workflow=options["workflow"],
-            )
-        )
+        if options["no_locations"] and (options["site"] or options["locations"]):
+            raise CommandError("--no-locations contradicts --site/--location")
+        names: set[str] = set()
+        if not options["no_locations"]:
+            names.update(discover_queues(site=options["site"], location_ids=options["locations"]))
+        if options["workflow"]:
+            names.update(WORKFLOW_QUEUES)
         if options["managers"]:
             names.update({MANAGERS_QUEUE, DEFAULT_QUEUE})
         if not names:
