@@ -201,7 +201,13 @@ def test_malformed_database_urls_are_rejected(tmp_path, url: str, message: str) 
 
 # --- whole settings, in a subprocess -------------------------------------------------------------
 def _clean_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _CONFIG_VARIABLES}
+    # Every DJANGO_* variable goes too: e.g. DJANGO_ALLOW_ASYNC_UNSAFE, which browser tests set
+    # for themselves, is itself a deploy-check error.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _CONFIG_VARIABLES and not k.startswith("DJANGO_")
+    }
     env["WORKFLOW_VAR_DIR"] = str(tmp_path / "var")
     env["DJANGO_SETTINGS_MODULE"] = "workflow_site.settings"
     env.update(overrides)
@@ -283,6 +289,13 @@ def test_deploy_check_fails_when_only_the_secret_key_is_missing(tmp_path) -> Non
     result = _manage(tmp_path, "check", "--deploy", "--fail-level", "WARNING", **env)
     assert result.returncode != 0
     assert "security.W009" in result.stdout + result.stderr
+
+
+def test_deploy_check_fails_when_async_safety_is_switched_off(tmp_path) -> None:
+    env = {**_production_env(), "DJANGO_ALLOW_ASYNC_UNSAFE": "true"}
+    result = _manage(tmp_path, "check", "--deploy", "--fail-level", "WARNING", **env)
+    assert result.returncode != 0
+    assert "async.E001" in result.stdout + result.stderr
 
 
 def test_deploy_check_fails_with_debug_on(tmp_path) -> None:
