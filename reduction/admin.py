@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin
+from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from reduction.models import ParameterSet, PropertyModification, ReductionProperty
@@ -21,6 +22,17 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Any], search_term: str
+    ) -> tuple[QuerySet[Any], bool]:
+        """The text search plus an exact id match, so an id pasted from a log or a run finds
+        its row (the same convention as the pipelines admin)."""
+        results, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        term = search_term.strip()
+        if term.isdigit():
+            results = results | queryset.filter(pk=int(term))
+        return results, may_have_duplicates
 
 
 @admin.register(ReductionProperty)
