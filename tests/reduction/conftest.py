@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from typing import Any
@@ -52,7 +51,9 @@ def operator(db: None) -> Any:
 
 
 @pytest.fixture
-def browser_page(live_server: Any, client: Any, cncs_scientist: Any) -> Iterator[Any]:
+def browser_page(
+    live_server: Any, client: Any, cncs_scientist: Any, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Any]:
     """A Playwright page logged in as the CNCS scientist (session cookie copied from the test
     client), pointed at the live server."""
     require_service(
@@ -60,8 +61,9 @@ def browser_page(live_server: Any, client: Any, cncs_scientist: Any) -> Iterator
         f"needs Debian Chromium at {CHROMIUM} (apt install chromium)",
     )
     # Playwright's sync API runs an event loop in this thread; Django's ORM refuses to run
-    # inside one unless told it is fine (the live server runs in its own thread).
-    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    # inside one unless told it is fine (the live server runs in its own thread). monkeypatch
+    # restores the environment afterwards, so later tests (e.g. the deploy check) never see it.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
     from playwright.sync_api import sync_playwright
 
     client.force_login(cncs_scientist)
