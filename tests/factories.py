@@ -395,3 +395,11 @@ class PropertyModificationFactory(DjangoModelFactory):
     property = factory.SubFactory(ReductionPropertyFactory)
     old_value = 1
     new_value = 2
+
+
+class ReductionConfigLockFactory(DjangoModelFactory):
+    class Meta:
+        model = rm.ReductionConfigLock
+        django_get_or_create = ("instrument",)
+
+    instrument = factory.Sequence(lambda n: f"instrument{n}")
