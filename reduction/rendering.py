@@ -1,6 +1,6 @@
 """The single sandboxed Jinja environment that turns parameter values into reduction scripts.
 
-Rules every template can rely on (and docs/adding-an-instrument.md repeats):
+Rules every template can rely on (and CONTRIBUTING.md, "Adding an instrument" repeats):
 
 - Every ``{{ expression }}`` is written as a Python literal (``repr`` of strings, numbers,
   booleans, None, and lists/dicts of those). A value can therefore never inject code, however it

@@ -1,7 +1,7 @@
 """The instrument registry: key → (label, dotted path of its Instrument object).
 
 Adding an instrument is one line here plus a folder next to this file (see
-docs/adding-an-instrument.md). The key is what ReductionProperty/ParameterSet rows, the URL
+CONTRIBUTING.md, "Adding an instrument"). The key is what ReductionProperty/ParameterSet rows, the URL
 ``/reduction/<key>/``, the ``scientists_<key>`` group and ReductionStep.reduction_instrument use;
 never rename one that has rows.
 """
