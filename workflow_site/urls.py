@@ -7,6 +7,7 @@ admin.site.index_title = "Operations database"
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("accounts/", include("django.contrib.auth.urls")),
     path("reduction/", include("reduction.urls")),
     path("", include("pipelines.urls")),
 ]

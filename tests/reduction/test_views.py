@@ -26,9 +26,9 @@ def test_anonymous_users_are_sent_to_log_in(client: Any) -> None:
     for name in ("configure", "history"):
         response = client.get(reverse(f"reduction:{name}", args=["cncs"]))
         assert response.status_code == 302
-        assert response["Location"].startswith("/admin/login/")
+        assert response["Location"].startswith("/accounts/login/")
     response = client.post(reverse("reduction:configure", args=["cncs"]), post_data("cncs"))
-    assert response.status_code == 302 and response["Location"].startswith("/admin/login/")
+    assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
     assert not ParameterSet.objects.exists()
 
 
