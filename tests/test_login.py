@@ -16,8 +16,9 @@ def test_a_non_staff_viewer_logs_in_and_sees_the_overview(client):
     response = client.get("/")
     assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
 
-    response = client.post("/accounts/login/?next=/",
-                           {"username": "ada", "password": "s3cret-pass-word", "next": "/"})
+    response = client.post(
+        "/accounts/login/?next=/", {"username": "ada", "password": "s3cret-pass-word", "next": "/"}
+    )
     assert response.status_code == 302 and response["Location"] == "/"
     page = client.get("/")
     assert page.status_code == 200 and b"Overview" in page.content

@@ -1,8 +1,8 @@
 """The instrument registry: key → (label, dotted path of its Instrument object).
 
 Adding an instrument is one line here plus a folder next to this file (see
-CONTRIBUTING.md, "Adding an instrument"). The key is what ReductionProperty/ParameterSet rows, the URL
-``/reduction/<key>/``, the ``scientists_<key>`` group and ReductionStep.reduction_instrument use;
+CONTRIBUTING.md, "Adding an instrument"). The key is what ReductionProperty/ParameterSet rows,
+the URL ``/reduction/<key>/``, the ``scientists_<key>`` group and ReductionStep.reduction_instrument use;
 never rename one that has rows.
 """
 

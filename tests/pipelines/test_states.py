@@ -176,38 +176,46 @@ def test_record_creation_writes_the_initial_state():
     assert (event.from_state, event.to_state, event.object_id) == ("", "pending", str(run.pk))
 
 
+def _one_round(
+    pk: Any, model: type[Any], contenders: int, move: Callable[[Any], None]
+) -> list[str]:
+    """``contenders`` threads each load their own copy of row ``pk`` and call ``move`` at the
+    same moment; returns "won"/"lost" per thread."""
+    barrier = threading.Barrier(contenders)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def contend() -> None:
+        try:
+            mine = model._default_manager.get(pk=pk)
+            barrier.wait(timeout=10)
+            try:
+                move(mine)
+                outcome = "won"
+            except TransitionConflict:
+                outcome = "lost"
+            with lock:
+                outcomes.append(outcome)
+        finally:
+            close_old_connections()
+            connection.close()
+
+    threads = [threading.Thread(target=contend) for _ in range(contenders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return outcomes
+
+
 def _race(
     rounds: int, contenders: int, build: Callable[[], Any], move: Callable[[Any], None]
 ) -> list[tuple[int, int]]:
-    """Run ``contenders`` threads that each call ``move`` on their own copy of one row at the
-    same moment; return (winners, conflicts) per round."""
+    """Race ``contenders`` threads on a fresh row per round; return (winners, losers) per round."""
     results = []
     for _ in range(rounds):
         row = build()
-        barrier = threading.Barrier(contenders)
-        outcomes: list[str] = []
-        lock = threading.Lock()
-
-        def contend(pk: Any) -> None:
-            try:
-                mine = type(row)._default_manager.get(pk=pk)
-                barrier.wait(timeout=10)
-                try:
-                    move(mine)
-                    outcome = "won"
-                except TransitionConflict:
-                    outcome = "lost"
-                with lock:
-                    outcomes.append(outcome)
-            finally:
-                close_old_connections()
-                connection.close()
-
-        threads = [threading.Thread(target=contend, args=(row.pk,)) for _ in range(contenders)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=30)
+        outcomes = _one_round(row.pk, type(row), contenders, move)
         assert len(outcomes) == contenders, outcomes
         results.append((outcomes.count("won"), outcomes.count("lost")))
     return results
