@@ -2,8 +2,8 @@
 
 Adding an instrument is one line here plus a folder next to this file (see
 CONTRIBUTING.md, "Adding an instrument"). The key is what ReductionProperty/ParameterSet rows,
-the URL ``/reduction/<key>/``, the ``scientists_<key>`` group and ReductionStep.reduction_instrument use;
-never rename one that has rows.
+the URL ``/reduction/<key>/``, the ``scientists_<key>`` group and
+ReductionStep.reduction_instrument use; never rename one that has rows.
 """
 
 from __future__ import annotations
