@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from django.db import connections
 
 from pipelines.services.access import OPERATORS, SCIENTISTS, VIEWERS, instrument_group_name
 from tests.conftest import require_service
@@ -78,3 +79,6 @@ def browser_page(
             yield page
         finally:
             browser.close()
+            # The test body ran its ORM queries under Playwright's event loop, on connections
+            # of their own; close them, or PostgreSQL refuses to drop the test database.
+            connections.close_all()
