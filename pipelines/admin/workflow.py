@@ -144,6 +144,7 @@ class ExecutedReductionStepAdmin(OpsModelAdmin):
         "triggered_by",
         "retry_count",
         "hpc_job_id",
+        "parameter_set",
         "created_at",
         "finished_at",
     )
@@ -154,7 +155,7 @@ class ExecutedReductionStepAdmin(OpsModelAdmin):
         "reduction_step__pipeline__processing_location",
     )
     search_fields = ("sub_group_key", "hpc_job_id", "failure_reason")
-    list_select_related = ("reduction_step__pipeline",)
+    list_select_related = ("reduction_step__pipeline", "parameter_set")
     date_hierarchy = "created_at"
     ordering = ("-created_at",)
     show_full_result_count = False
@@ -192,12 +193,20 @@ class DataProductAdmin(OpsModelAdmin):
         "product_type",
         "produced_by",
         "size_bytes",
+        "parameter_version",
         "stale_since",
         "created_at",
     )
-    list_filter = ("product_type", "produced_by__reduction_step__pipeline")
+    list_filter = (
+        "product_type",
+        ("stale_since", admin.EmptyFieldListFilter),
+        "produced_by__reduction_step__pipeline",
+    )
     search_fields = ("filename", "relative_path", "checksum")
-    list_select_related = ("produced_by__reduction_step__pipeline",)
+    list_select_related = (
+        "produced_by__reduction_step__pipeline",
+        "produced_by__parameter_set",
+    )
     date_hierarchy = "created_at"
     ordering = ("-created_at",)
     show_full_result_count = False
@@ -209,4 +218,11 @@ class DataProductAdmin(OpsModelAdmin):
         "checksum",
         "checksum_algorithm",
     )
+    readonly_fields = ("parameter_version",)
     inlines = (CopyInline,)
+
+    @admin.display(description="parameters", ordering="produced_by__parameter_set__number")
+    def parameter_version(self, product: DataProduct) -> str:
+        """The instrument parameter set whose script made this product ("-" when none)."""
+        parameter_set = product.produced_by.parameter_set
+        return str(parameter_set) if parameter_set else "-"

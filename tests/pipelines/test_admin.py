@@ -100,12 +100,6 @@ def _run_action(client: Client, model: type[models.Model], action: str, rows: li
     )
 
 
-@pytest.fixture(autouse=True)
-def _fast_passwords(settings: Any) -> None:
-    # UserFactory hashes a password per user; the default hasher is slow on purpose.
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 @pytest.fixture
 def groups(db: None) -> dict[str, Any]:
     return ensure_groups()
@@ -664,3 +658,18 @@ def test_state_events_offer_no_actions_and_refuse_changes(operator, operator_cli
     event.refresh_from_db()
     assert event.to_state == "scheduled"
     assert m.StateEvent.objects.filter(pk=event.pk).exists()
+
+
+def test_products_and_runs_show_the_parameter_version_that_made_them(operator_client):
+    version = factories.ParameterSetFactory(instrument="cncs", number=7)
+    run = factories.ExecutedReductionStepFactory(parameter_set=version)
+    product = factories.DataProductFactory(produced_by=run)
+
+    listing = operator_client.get(_url(m.DataProduct, "changelist"))
+    assert "cncs v7" in listing.content.decode()
+    detail = operator_client.get(_url(m.DataProduct, "change", product.pk))
+    assert "cncs v7" in detail.content.decode()
+    runs = operator_client.get(_url(m.ExecutedReductionStep, "changelist"))
+    assert "cncs v7" in runs.content.decode()
+    stale = operator_client.get(_url(m.DataProduct, "changelist") + "?stale_since__isempty=0")
+    assert stale.status_code == 200 and product.filename not in stale.content.decode()
