@@ -23,6 +23,18 @@ from django.core.exceptions import ValidationError
 # --- Integer range lists ("1,3-5") ---------------------------------------------------------------
 
 _RANGE_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+# No detector, pixel or bank index comes near this; it also keeps int() clear of Python's
+# 4300-digit conversion limit, which would otherwise raise ValueError instead of a form error.
+_MAX_INDEX_DIGITS = 9
+
+# Longest text accepted by the list and mask fields: far above any real mask or list, far below
+# what would bloat the stored values and the rendered script.
+LIST_MAX_LENGTH = 2000
+MASK_MAX_LENGTH = 10000
+
+
+def _shorten(text: str, limit: int = 20) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def parse_int_ranges(
@@ -40,6 +52,11 @@ def parse_int_ranges(
         if not match:
             raise ValidationError(
                 "%(item)r is not a number or a range like 3-5", params={"item": item.strip()}
+            )
+        if any(len(n) > _MAX_INDEX_DIGITS for n in match.groups() if n is not None):
+            raise ValidationError(
+                "%(item)s is too large (at most %(digits)s digits)",
+                params={"item": _shorten(item.strip()), "digits": _MAX_INDEX_DIGITS},
             )
         low = int(match.group(1))
         high = int(match.group(2)) if match.group(2) is not None else low
@@ -71,6 +88,7 @@ class IntegerRangeListField(forms.CharField):
     ) -> None:
         self.min_item = min_item
         self.max_item = max_item
+        kwargs.setdefault("max_length", LIST_MAX_LENGTH)
         super().__init__(**kwargs)
 
     def clean(self, value: Any) -> str:
@@ -103,6 +121,7 @@ class FloatListField(forms.CharField):
         self.length = length
         self.item_min = min_value
         self.item_max = max_value
+        kwargs.setdefault("max_length", LIST_MAX_LENGTH)
         super().__init__(**kwargs)
 
     def prepare_value(self, value: Any) -> Any:
@@ -123,7 +142,9 @@ class FloatListField(forms.CharField):
                     "%(item)r is not a number", params={"item": item.strip()}
                 ) from None
             if not math.isfinite(number):
-                raise ValidationError("%(item)r is not a finite number", params={"item": item})
+                raise ValidationError(
+                    "%(item)r is not a finite number", params={"item": item.strip()}
+                )
             if self.item_min is not None and number < self.item_min:
                 raise ValidationError(
                     "%(value)s is below %(minimum)s",
@@ -150,6 +171,10 @@ _LOG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-]*$")
 
 class NameListField(forms.CharField):
     """Comma-separated log/PV names like ``"s1, SampleTemp"`` → ``list[str]``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("max_length", LIST_MAX_LENGTH)
+        super().__init__(**kwargs)
 
     def prepare_value(self, value: Any) -> Any:
         if isinstance(value, list):
@@ -191,7 +216,7 @@ class AbsolutePathField(forms.CharField):
             return ""
         if not text.startswith("/"):
             raise ValidationError("must be an absolute path starting with /")
-        if any(ch in text for ch in "\x00\n\r\t"):
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
             raise ValidationError("must not contain control characters")
         if "/../" in f"{text}/" or text.endswith("/.."):
             raise ValidationError("must not contain ..")
@@ -268,6 +293,7 @@ class MaskField(forms.CharField):
     def __init__(self, *, banks: int, tubes: int, pixels: int, **kwargs: Any) -> None:
         self.limits = {"bank": banks, "tube": tubes, "pixel": pixels}
         kwargs.setdefault("required", False)
+        kwargs.setdefault("max_length", MASK_MAX_LENGTH)
         super().__init__(**kwargs)
 
     def prepare_value(self, value: Any) -> Any:
@@ -302,6 +328,18 @@ def _type_name(value: Any) -> str:
     return {dict: "an object", list: "a list", str: "text", bool: "true/false"}.get(
         type(value), type(value).__name__
     )
+
+
+def _has_unstorable_text(value: Any) -> bool:
+    """Whether a JSON value holds text no database can store: NUL or a lone surrogate (which JSON
+    allows as ``"\\ud800"`` and PostgreSQL's jsonb refuses)."""
+    if isinstance(value, str):
+        return "\x00" in value or any("\ud800" <= ch <= "\udfff" for ch in value)
+    if isinstance(value, list):
+        return any(_has_unstorable_text(v) for v in value)
+    if isinstance(value, Mapping):
+        return any(_has_unstorable_text(k) or _has_unstorable_text(v) for k, v in value.items())
+    return False
 
 
 def check_json_type(field: forms.Field, value: Any) -> str | None:
@@ -350,6 +388,9 @@ class ReductionForm(forms.Form):
                 problems[name] = "missing: every parameter of the instrument must be given"
                 continue
             value = values[name]
+            if _has_unstorable_text(value):
+                problems[name] = "contains a NUL character or invalid Unicode"
+                continue
             problem = check_json_type(field, value)
             if problem:
                 problems[name] = problem

@@ -11,6 +11,7 @@ from reduction.forms import (
     IntegerRangeListField,
     MaskField,
     format_mask,
+    parse_int_ranges,
     parse_mask,
 )
 from reduction.instruments import INSTRUMENTS, UnknownInstrument, get_instrument
@@ -145,3 +146,72 @@ def test_primecam_modules_accept_only_known_modules() -> None:
     form = instrument.form_class.from_values(instrument.defaults() | {"modules": ["450"]})
     assert not form.is_valid()
     assert "450 is not one of the available choices" in form.errors["modules"][0]
+
+
+def test_huge_numbers_in_ranges_are_a_form_error_not_a_crash() -> None:
+    # int() of more than 4300 digits raises ValueError in Python; the field must answer first.
+    field = IntegerRangeListField()
+    with pytest.raises(ValidationError, match="too large"):
+        parse_int_ranges("9" * 5000)
+    with pytest.raises(ValidationError, match="too large"):
+        field.clean("9" * 30)
+    with pytest.raises(ValidationError, match="too large"):
+        field.clean("1-" + "9" * 10)
+    with pytest.raises(ValidationError, match="too large"):
+        MaskField(banks=50, tubes=8, pixels=128).clean("Bank=" + "9" * 5000)
+    assert field.clean("999999999") == "999999999"
+
+
+@pytest.mark.parametrize(
+    ("key", "name", "text"),
+    [
+        ("chai", "flag_pixels", ",".join(["1-63"] * 1000)),
+        ("chai", "line_window_kms", ", ".join(["1.0"] * 1000)),
+        ("cncs", "motor_names", ", ".join(["s1"] * 1000)),
+        ("cncs", "mask", "\n".join(["Bank=1-50; Tube=1-8; Pixel=1-128"] * 1000)),
+        ("cncs", "vanadium_file", "/SNS/" + "a" * 1000 + ".nxs.h5"),
+    ],
+)
+def test_huge_values_are_refused_with_their_length(key: str, name: str, text: str) -> None:
+    instrument = get_instrument(key)
+    form = instrument.form_class.from_values(instrument.defaults() | {name: text})
+    assert not form.is_valid()
+    assert f"(it has {len(text)})" in form.errors[name][0]
+
+
+def test_text_no_database_can_store_is_refused_by_name() -> None:
+    instrument = get_instrument("cncs")
+    for bad in ("/SNS/CNCS/van\ud800.nxs.h5", "/SNS/CNCS/van\x00.nxs.h5"):
+        form = instrument.form_class.from_values(instrument.defaults() | {"vanadium_file": bad})
+        assert not form.is_valid()
+        assert form.errors["vanadium_file"] == ["contains a NUL character or invalid Unicode"]
+    rows = instrument.form_class.from_values(
+        instrument.defaults() | {"mask": [{"bank": "1\udfff"}]}
+    )
+    assert rows.errors["mask"] == ["contains a NUL character or invalid Unicode"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/SNS/CNCS/../../etc/passwd", "/SNS/CNCS/..", "SNS/CNCS/van.nxs", "/SNS/CNCS/v\x1b.nxs"],
+)
+def test_paths_that_climb_are_relative_or_hold_control_characters_are_refused(path: str) -> None:
+    instrument = get_instrument("cncs")
+    form = instrument.form_class.from_values(instrument.defaults() | {"vanadium_file": path})
+    assert not form.is_valid()
+    assert "vanadium_file" in form.errors
+
+
+def test_grouping_accepts_only_the_listed_files() -> None:
+    instrument = get_instrument("cncs")
+    form = instrument.form_class.from_values(
+        instrument.defaults() | {"grouping_file": "/SNS/CNCS/shared/autoreduce/../../x.xml"}
+    )
+    assert not form.is_valid()
+    assert "is not one of the available choices" in form.errors["grouping_file"][0]
+
+
+def test_a_non_finite_item_is_named_without_its_padding() -> None:
+    with pytest.raises(ValidationError) as info:
+        FloatListField().clean("1, inf")
+    assert info.value.messages == ["'inf' is not a finite number"]

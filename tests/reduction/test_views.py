@@ -191,3 +191,27 @@ def test_index_lists_every_instrument(client: Any, cncs_scientist: Any) -> None:
     page = client.get(reverse("reduction:index")).content.decode()
     for key in ("chai", "primecam", "cncs"):
         assert reverse("reduction:configure", args=[key]) in page
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("flag_pixels", "9" * 5000, "at most 2000 characters"),
+        ("flag_pixels", "9" * 40, "too large"),
+        ("flag_pixels", ",".join(["1-63"] * 200_000), "at most 2000 characters"),
+        ("baseline_order", "9" * 5000, "Enter a whole number"),
+        ("tsys_max_k", "1e400", "Enter a number"),
+        ("line_window_kms", "nan, 1", "'nan' is not a finite number"),
+    ],
+)
+def test_huge_and_non_finite_values_are_field_errors_and_change_nothing(
+    client: Any, chai_scientist: Any, field: str, value: str, message: str
+) -> None:
+    client.force_login(chai_scientist)
+    response = client.post(
+        reverse("reduction:configure", args=["chai"]), post_data("chai", **{field: value})
+    )
+    assert response.status_code == 200
+    assert message in response.context["form"].errors[field][0]
+    assert not ParameterSet.objects.exists() and not ReductionProperty.objects.exists()
+    assert not get_instrument("chai").script_path().exists()
