@@ -90,3 +90,84 @@ def test_admin_lists_rows_but_allows_no_edits(client: Any, operator: Any) -> Non
     assert client.get("/admin/reduction/parameterset/add/").status_code == 403
     response = client.post(f"/admin/reduction/propertymodification/{mod.pk}/change/", {})
     assert response.status_code == 403
+
+
+def snapshot() -> tuple[object, ...]:
+    path = get_instrument("chai").script_path()
+    return (
+        list(ParameterSet.objects.values_list("instrument", "number")),
+        PropertyModification.objects.count(),
+        path.read_bytes() if path.exists() else None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("baseline_order=" + "9" * 5000, "baseline_order: Enter a whole number"),
+        ("flag_pixels=" + "9" * 5000, "flag_pixels: Ensure this value has at most 2000"),
+        ("baseline_order=" + "[" * 100_000, "baseline_order: Enter a whole number"),
+        ("baseline_order=true", "baseline_order: expected a number, got true/false"),
+        ("reduce_lfa=1", "reduce_lfa: expected true/false, got int"),
+        ("tsys_max_k=NaN", "tsys_max_k: Enter a number"),
+        ("line_window_kms=[1, 2, 3]", "line_window_kms: expected 2 numbers, got 3"),
+        ("baseline_order", "expected KEY=VALUE"),
+        ("=3", "expected KEY=VALUE"),
+    ],
+)
+def test_set_refuses_malformed_values_with_a_clear_error(assignment: str, message: str) -> None:
+    reduction_config_update("chai", values=reduction_config_current("chai"), user=None)
+    before = snapshot()
+    with pytest.raises(CommandError) as info:
+        run("set", "chai", assignment)
+    assert message in str(info.value)
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"values": ', "is not a JSON export: Expecting value"),
+        (b"\xff\xfe\x00 not text", "is not a JSON export: 'utf-8' codec can't decode"),
+        (b'{"values": {"baseline_order": 1' + b"0" * 4400 + b"}}", "is not a JSON export: Exceeds"),
+        (b"[" * 100_000, "is not a JSON export: nested too deeply"),
+        (b"[1, 2]", 'expected {"values": {...}}'),
+        (b'{"values": [1]}', 'expected {"values": {...}}'),
+        (b'{"instrument": "cncs", "values": {}}', "holds 'cncs' values, not 'chai'"),
+        (b'{"values": {}}', "reduce_lfa: missing"),
+    ],
+)
+def test_import_refuses_malformed_files_with_a_clear_error(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    reduction_config_update("chai", values=reduction_config_current("chai"), user=None)
+    before = snapshot()
+    document = tmp_path / "bad.json"
+    document.write_bytes(content)
+    with pytest.raises(CommandError) as info:
+        run("import", "chai", str(document))
+    assert message in str(info.value)
+    assert snapshot() == before
+
+
+def test_import_refuses_unknown_and_wrongly_typed_keys_by_name(tmp_path: Path) -> None:
+    values = reduction_config_current("chai")
+    document = tmp_path / "chai.json"
+    for change, message in (
+        ({"colour": "blue"}, "colour: unknown parameter"),
+        ({"flag_pixels": [1, 2]}, "flag_pixels: expected text, got a list"),
+        ({"vanadium": "/x/../y"}, "vanadium: unknown parameter"),
+    ):
+        document.write_text(json.dumps({"instrument": "chai", "values": values | change}))
+        with pytest.raises(CommandError, match=message):
+            run("import", "chai", str(document))
+    assert not ParameterSet.objects.exists()
+
+
+def test_unreadable_import_and_unwritable_export_are_command_errors(tmp_path: Path) -> None:
+    with pytest.raises(CommandError, match=r"cannot read .*missing\.json: No such file"):
+        run("import", "chai", str(tmp_path / "missing.json"))
+    with pytest.raises(CommandError, match=r"cannot read .*: Is a directory"):
+        run("import", "chai", str(tmp_path))
+    with pytest.raises(CommandError, match=r"cannot write .*nowhere/x\.json: No such file"):
+        run("export", "chai", "--output", str(tmp_path / "nowhere/x.json"))

@@ -31,7 +31,10 @@ def _parse_assignment(text: str) -> tuple[str, Any]:
         raise CommandError(f"{text!r}: expected KEY=VALUE")
     try:
         value = json.loads(raw)  # numbers, true/false, lists, objects
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
+        # Not JSON (JSONDecodeError), or JSON Python will not load (an integer of more than 4300
+        # digits, nesting deeper than the recursion limit): plain text, which the field parses
+        # and, if it is not valid there either, rejects by name.
         value = raw  # plain text: paths, "1,3-5", masks
     return key.strip(), value
 
@@ -144,16 +147,26 @@ class Command(BaseCommand):
         }
         text = json.dumps(document, indent=2) + "\n"
         if options["output"]:
-            options["output"].write_text(text)
+            try:
+                options["output"].write_text(text, encoding="utf-8")
+            except OSError as exc:
+                raise CommandError(
+                    f"cannot write {options['output']}: {exc.strerror or exc}"
+                ) from exc
             self.stdout.write(f"exported {key} to {options['output']}")
         else:
             self.stdout.write(text, ending="")
 
     def _import(self, key: str, options: dict[str, Any]) -> None:
         try:
-            document = json.loads(options["file"].read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CommandError(f"cannot read {options['file']}: {exc}") from exc
+            document = json.loads(options["file"].read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise CommandError(f"cannot read {options['file']}: {exc.strerror or exc}") from exc
+        except (ValueError, RecursionError) as exc:
+            # JSONDecodeError, UnicodeDecodeError, an integer over Python's 4300-digit limit,
+            # nesting deeper than the recursion limit.
+            message = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise CommandError(f"{options['file']} is not a JSON export: {message}") from exc
         if not isinstance(document, dict) or not isinstance(document.get("values"), dict):
             raise CommandError(f'{options["file"]}: expected {{"values": {{...}}}}')
         if document.get("instrument", key) != key:
