@@ -4,15 +4,20 @@ failure changes nothing."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import itertools
 import os
+import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from django.db import DatabaseError, connection, transaction
 
+from reduction import services
 from reduction.errors import InvalidParameters, ScriptWriteError
 from reduction.instruments import UnknownInstrument, get_instrument
 from reduction.models import (
@@ -190,7 +195,10 @@ def test_template_failures_change_nothing(broken_template: Path, source: str, me
     assert snapshot() == before
 
 
-def test_unwritable_target_directory_changes_nothing(settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_file_where_the_script_directory_should_be_changes_nothing(
+    settings, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    reduction_config_update("cncs", values=reduction_config_current("cncs"), user=None)
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the script directory should be")
     settings.REDUCTION_SCRIPT_DIR = blocker
@@ -199,23 +207,101 @@ def test_unwritable_target_directory_changes_nothing(settings, tmp_path: Path) -
     with pytest.raises(
         ScriptWriteError, match=r"cannot (read|write) .*not-a-directory/cncs/reduce_CNCS.py"
     ):
-        reduction_config_update("cncs", values=reduction_config_current("cncs"), user=None)
+        reduction_config_update(
+            "cncs", values=reduction_config_current("cncs") | {"e_min": 0.0}, user=None
+        )
 
     assert snapshot() == before
+    assert blocker.read_text() == "a file where the script directory should be"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_read_only_target_directory_changes_nothing(settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    folder = tmp_path / "ro"
-    (folder / "cncs").mkdir(parents=True)
-    (folder / "cncs").chmod(0o500)
-    settings.REDUCTION_SCRIPT_DIR = folder
+NOBODY = 65534
+
+
+@contextmanager
+def without_root_privileges() -> Iterator[None]:
+    """Run the body with the file-system rights of an ordinary user.
+
+    Root (as in CI) ignores directory permissions, so a read-only directory would not stop it;
+    switching the effective uid to ``nobody`` makes the kernel check them, as it does for the web
+    server's user in production. The real and saved uids stay 0, so root is restored after.
+    """
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(NOBODY)
     try:
-        with pytest.raises(ScriptWriteError, match="Permission denied"):
-            reduction_config_update("cncs", values=reduction_config_current("cncs"), user=None)
+        yield
     finally:
-        (folder / "cncs").chmod(0o700)
-    assert not ParameterSet.objects.exists()
+        os.seteuid(0)
+
+
+@pytest.fixture
+def read_only_script_dir(settings) -> Iterator[Path]:  # type: ignore[no-untyped-def]
+    """An instrument script directory holding the current CNCS script, made read-only.
+
+    Made under the system temporary directory (world-traversable), not pytest's tmp_path (whose
+    base is private to root), so that ``nobody`` can reach it.
+    """
+    with tempfile.TemporaryDirectory(prefix="reduction-ro-") as base:
+        root = Path(base)
+        root.chmod(0o755)
+        settings.REDUCTION_SCRIPT_DIR = root
+        yield root / "cncs"
+        if (root / "cncs").exists():
+            (root / "cncs").chmod(0o755)  # so that TemporaryDirectory can remove it
+
+
+def test_a_read_only_script_directory_changes_nothing(
+    read_only_script_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = reduction_config_update("cncs", values=reduction_config_current("cncs"), user=None)
+    assert first.path.parent == read_only_script_dir
+    read_only_script_dir.chmod(0o555)
+    before = snapshot()
+
+    # Only the file step runs without root: the database and the template are read as usual.
+    install = services._install
+
+    def install_without_root(path: Path, script: str) -> object:
+        with without_root_privileges():
+            return install(path, script)
+
+    monkeypatch.setattr(services, "_install", install_without_root)
+    with pytest.raises(
+        ScriptWriteError, match=r"cannot write .*/cncs/reduce_CNCS.py: Permission denied"
+    ):
+        reduction_config_update(
+            "cncs", values=reduction_config_current("cncs") | {"e_min": 0.0}, user=UserFactory()
+        )
+
+    assert os.geteuid() == os.getuid()
+    assert snapshot() == before
+    assert first.path.read_text() == first.parameter_set.script_text
+    assert sorted(p.name for p in read_only_script_dir.iterdir()) == ["reduce_CNCS.py"]
+
+
+def test_a_rename_that_fails_after_the_temporary_file_was_written_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first = reduction_config_update("cncs", values=reduction_config_current("cncs"), user=None)
+    before = snapshot()
+    attempts: list[str] = []
+
+    def failing_replace(src: str, dst: object) -> None:
+        attempts.append(src)
+        assert Path(src).read_text().startswith("#!/usr/bin/env python3")  # fully written
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(services.os, "replace", failing_replace)
+    with pytest.raises(ScriptWriteError, match=r"reduce_CNCS\.py: Read-only file system"):
+        reduction_config_update(
+            "cncs", values=reduction_config_current("cncs") | {"e_min": 0.0}, user=None
+        )
+
+    assert len(attempts) == 1 and not Path(attempts[0]).exists()  # temporary file removed
+    assert snapshot() == before
+    assert sorted(p.name for p in first.path.parent.iterdir()) == ["reduce_CNCS.py"]
 
 
 @pytest.mark.django_db(transaction=True)
