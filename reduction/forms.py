@@ -330,15 +330,15 @@ def _type_name(value: Any) -> str:
     )
 
 
-def _has_unstorable_text(value: Any) -> bool:
+def has_unstorable_text(value: Any) -> bool:
     """Whether a JSON value holds text no database can store: NUL or a lone surrogate (which JSON
     allows as ``"\\ud800"`` and PostgreSQL's jsonb refuses)."""
     if isinstance(value, str):
         return "\x00" in value or any("\ud800" <= ch <= "\udfff" for ch in value)
     if isinstance(value, list):
-        return any(_has_unstorable_text(v) for v in value)
+        return any(has_unstorable_text(v) for v in value)
     if isinstance(value, Mapping):
-        return any(_has_unstorable_text(k) or _has_unstorable_text(v) for k, v in value.items())
+        return any(has_unstorable_text(k) or has_unstorable_text(v) for k, v in value.items())
     return False
 
 
@@ -388,7 +388,7 @@ class ReductionForm(forms.Form):
                 problems[name] = "missing: every parameter of the instrument must be given"
                 continue
             value = values[name]
-            if _has_unstorable_text(value):
+            if has_unstorable_text(value):
                 problems[name] = "contains a NUL character or invalid Unicode"
                 continue
             problem = check_json_type(field, value)

@@ -21,7 +21,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from reduction.errors import InvalidParameters, ReductionConfigError, ScriptWriteError
-from reduction.forms import errors_as_dict
+from reduction.forms import errors_as_dict, has_unstorable_text
 from reduction.instruments import get_instrument
 from reduction.instruments.base import Instrument
 from reduction.models import (
@@ -63,6 +63,23 @@ def reduction_config_current(instrument_key: str) -> dict[str, Any]:
         ReductionProperty.objects.filter(instrument=instrument_key).values_list("key", "value")
     )
     return {key: stored.get(key, default) for key, default in values.items()}
+
+
+# The longest comment kept with a version (the page's input has the same maxlength).
+COMMENT_MAX_LENGTH = 500
+
+
+def validate_comment(instrument_key: str, comment: str) -> str:
+    """The comment without surrounding blanks, or InvalidParameters under the key ``comment``."""
+    comment = comment.strip()
+    problems = []
+    if len(comment) > COMMENT_MAX_LENGTH:
+        problems.append(f"at most {COMMENT_MAX_LENGTH} characters, got {len(comment)}")
+    if has_unstorable_text(comment):
+        problems.append("contains a NUL character or invalid Unicode")
+    if problems:
+        raise InvalidParameters(instrument_key, {"comment": problems})
+    return comment
 
 
 def validate_values(instrument: Instrument, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -174,11 +191,12 @@ def reduction_config_update(
     create the next ParameterSet with the rendered script and its sha256, mark products made with
     older versions stale, and atomically replace ``reduce_<KEY>.py`` in the instrument's output
     directory. If the database commit fails after the file was replaced, the previous file is put
-    back. Raises UnknownInstrument, InvalidParameters, ScriptRenderError or ScriptWriteError with
-    nothing changed.
+    back. Raises UnknownInstrument, InvalidParameters (bad values, or a comment that is too long
+    or holds text no database stores), ScriptRenderError or ScriptWriteError with nothing changed.
     """
     instrument = get_instrument(instrument_key)
     cleaned = validate_values(instrument, values)
+    comment = validate_comment(instrument_key, comment)
     path = instrument.script_path()
     # The lock row must exist before the transaction that locks it; get_or_create copes with two
     # processes creating it at once.

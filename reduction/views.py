@@ -28,6 +28,7 @@ from reduction.instruments.base import Instrument
 from reduction.models import ParameterSet, PropertyModification
 from reduction.rendering import checksum
 from reduction.services import (
+    COMMENT_MAX_LENGTH,
     ConfigWriteResult,
     reduction_config_current,
     reduction_config_diff,
@@ -35,8 +36,6 @@ from reduction.services import (
     reduction_config_reset,
     reduction_config_update,
 )
-
-COMMENT_MAX = 500
 
 
 def _instrument_or_404(key: str) -> Instrument:
@@ -87,11 +86,12 @@ def configure(request: HttpRequest, key: str) -> HttpResponse:
     instrument = _instrument_or_404(key)
     can_change = can_change_instrument(request.user, key)
     error = ""
+    comment_errors: list[str] = []
     form: ReductionForm
     if request.method == "POST":
         author = _require_change(request, instrument)
         form = instrument.form_class(request.POST)
-        comment = request.POST.get("comment", "").strip()[:COMMENT_MAX]
+        comment = request.POST.get("comment", "").strip()
         if form.is_valid():
             try:
                 result = reduction_config_update(
@@ -99,8 +99,11 @@ def configure(request: HttpRequest, key: str) -> HttpResponse:
                 )
             except InvalidParameters as exc:
                 for name, field_errors in exc.errors.items():
+                    if name == "comment":
+                        comment_errors.extend(field_errors)
+                        continue
                     for message in field_errors:
-                        form.add_error(None if name == "__all__" else name, message)
+                        form.add_error(name if name in form.fields else None, message)
                 error = "Not saved: some values are invalid (see the fields marked below)."
             except ReductionConfigError as exc:
                 error = f"Not saved, nothing changed: {exc}"
@@ -127,6 +130,8 @@ def configure(request: HttpRequest, key: str) -> HttpResponse:
             "group_name": instrument_group_name(key),
             "latest": latest,
             "comment": comment,
+            "comment_errors": comment_errors,
+            "comment_max_length": COMMENT_MAX_LENGTH,
             "error": error,
             "script_state": script_state,
         },
@@ -170,7 +175,7 @@ def preview(request: HttpRequest, key: str) -> JsonResponse:
 def reset(request: HttpRequest, key: str) -> HttpResponse:
     instrument = _instrument_or_404(key)
     author = _require_change(request, instrument)
-    comment = request.POST.get("comment", "").strip()[:COMMENT_MAX]
+    comment = request.POST.get("comment", "")
     try:
         result = reduction_config_reset(key, user=author, comment=comment)
     except ReductionConfigError as exc:

@@ -475,3 +475,35 @@ def test_errors_inside_an_outer_transaction_leave_it_usable() -> None:
         with pytest.raises(InvalidParameters):
             reduction_config_update("cncs", values={"e_min": 1}, user=None)
         assert ParameterSet.objects.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("comment", "message"),
+    [
+        ("x" * 501, "comment: at most 500 characters, got 501"),
+        ("beam\x00stop", "comment: contains a NUL character or invalid Unicode"),
+        ("beam \udcff stop", "comment: contains a NUL character or invalid Unicode"),
+    ],
+)
+def test_a_comment_no_database_would_keep_is_refused_and_changes_nothing(
+    comment: str, message: str
+) -> None:
+    # PostgreSQL refuses NUL in text and lone surrogates in any string; SQLite would keep them.
+    # Either way the save is refused up front, the same on both.
+    reduction_config_update("cncs", values=reduction_config_current("cncs"), user=None)
+    before = snapshot()
+    with pytest.raises(InvalidParameters, match=message):
+        reduction_config_update(
+            "cncs",
+            values=reduction_config_current("cncs") | {"e_min": 0.0},
+            user=None,
+            comment=comment,
+        )
+    assert snapshot() == before
+
+
+def test_a_comment_is_kept_without_surrounding_blanks() -> None:
+    result = reduction_config_update(
+        "cncs", values=reduction_config_current("cncs"), user=None, comment="  beam stop \n"
+    )
+    assert result.parameter_set.comment == "beam stop"

@@ -215,3 +215,20 @@ def test_huge_and_non_finite_values_are_field_errors_and_change_nothing(
     assert message in response.context["form"].errors[field][0]
     assert not ParameterSet.objects.exists() and not ReductionProperty.objects.exists()
     assert not get_instrument("chai").script_path().exists()
+
+
+@pytest.mark.parametrize(
+    ("comment", "message"), [("x" * 501, "at most 500 characters"), ("a\x00b", "NUL character")]
+)
+def test_a_bad_comment_is_shown_next_to_the_comment_and_changes_nothing(
+    client: Any, cncs_scientist: Any, comment: str, message: str
+) -> None:
+    client.force_login(cncs_scientist)
+    response = client.post(
+        reverse("reduction:configure", args=["cncs"]), post_data("cncs", comment=comment)
+    )
+    assert response.status_code == 200
+    assert message in response.context["comment_errors"][0]
+    page = response.content.decode()
+    assert '<div class="field has-error" data-field="comment">' in page
+    assert not ParameterSet.objects.exists() and not ReductionProperty.objects.exists()
