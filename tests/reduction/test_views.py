@@ -232,3 +232,57 @@ def test_a_bad_comment_is_shown_next_to_the_comment_and_changes_nothing(
     page = response.content.decode()
     assert '<div class="field has-error" data-field="comment">' in page
     assert not ParameterSet.objects.exists() and not ReductionProperty.objects.exists()
+
+
+def test_a_field_without_a_stored_row_shows_its_default(client: Any, viewer: Any) -> None:
+    # As after a release that added e_step: rows for every other key, none for it.
+    values = reduction_config_current("cncs") | {"e_min": -0.15}
+    for key, value in values.items():
+        if key != "e_step":
+            ReductionProperty.objects.create(instrument="cncs", key=key, value=value)
+    client.force_login(viewer)
+
+    form = client.get(reverse("reduction:configure", args=["cncs"])).context["form"]
+
+    assert form["e_min"].value() == -0.15
+    assert form["e_step"].value() == get_instrument("cncs").defaults()["e_step"]
+
+
+def test_a_second_row_for_the_same_key_is_refused_by_the_database() -> None:
+    from django.db import IntegrityError, transaction
+
+    ReductionProperty.objects.create(instrument="cncs", key="e_min", value=-0.2)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        ReductionProperty.objects.create(instrument="cncs", key="e_min", value=-0.3)
+    assert ReductionProperty.objects.get(instrument="cncs", key="e_min").value == -0.2
+
+
+@pytest.fixture
+def template_with_missing_key(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CNCS with a template that asks for a key its form does not define."""
+    import dataclasses
+
+    instrument = get_instrument("cncs")
+    (tmp_path / instrument.template_name).write_text("X = {{ no_such_key }}\n")
+    patched = dataclasses.replace(instrument, package_dir=tmp_path)
+    for where in ("reduction.services.get_instrument", "reduction.views.get_instrument"):
+        monkeypatch.setattr(where, lambda key: patched)
+
+
+def test_a_template_error_is_shown_on_the_page_and_in_the_preview(
+    client: Any, cncs_scientist: Any, template_with_missing_key: None
+) -> None:
+    client.force_login(cncs_scientist)
+
+    response = client.post(reverse("reduction:configure", args=["cncs"]), post_data("cncs"))
+    preview = client.post(reverse("reduction:preview", args=["cncs"]), post_data("cncs"))
+
+    assert response.status_code == 200
+    assert (
+        "Not saved, nothing changed: reduce_CNCS.py.j2: UndefinedError: "
+        "&#x27;no_such_key&#x27; is undefined" in response.content.decode()
+    )
+    assert preview.status_code == 422
+    assert "'no_such_key' is undefined" in preview.json()["error"]
+    assert not ParameterSet.objects.exists() and not ReductionProperty.objects.exists()
+    assert not get_instrument("cncs").script_path().exists()
