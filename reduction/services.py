@@ -296,6 +296,58 @@ class ConfigDiff:
         return [v for v in self.values if v.changed]
 
 
+def script_diff_lines(old_text: str, new_text: str, *, old_name: str, new_name: str) -> list[str]:
+    """A unified diff of two scripts, one string per line, no line endings."""
+    return list(
+        difflib.unified_diff(
+            old_text.splitlines(),
+            new_text.splitlines(),
+            fromfile=old_name,
+            tofile=new_name,
+            lineterm="",
+        )
+    )
+
+
+@dataclass(frozen=True)
+class ConfigPreview:
+    """What a save of ``values`` would install, compared with the latest version.
+
+    ``version`` is the number the script carries: the latest one when the values equal it (a
+    save would make no new version unless the template changed), else the next one (the one a
+    save now would create, unless someone else saves first). ``against`` is the latest version,
+    None if never saved.
+    """
+
+    script: str
+    checksum: str
+    version: int
+    against: ParameterSet | None
+    diff_lines: list[str]
+
+
+def reduction_config_preview(instrument_key: str, values: Mapping[str, Any]) -> ConfigPreview:
+    """Validate and render ``values`` as the version a save would make; writes nothing."""
+    instrument = get_instrument(instrument_key)
+    cleaned = validate_values(instrument, values)
+    latest = ParameterSet.objects.latest_for(instrument_key)
+    if latest is None:
+        number = 1
+    elif latest.values == cleaned:
+        number = latest.number
+    else:
+        number = latest.number + 1
+    script = _render(instrument, cleaned, number)
+    lines = (
+        script_diff_lines(
+            latest.script_text, script, old_name=f"v{latest.number}", new_name="preview"
+        )
+        if latest is not None
+        else []
+    )
+    return ConfigPreview(script, checksum(script), number, latest, lines)
+
+
 def reduction_config_diff(old: ParameterSet, new: ParameterSet) -> ConfigDiff:
     """Values side by side (every key of either version; a key one version lacks shows None)
     and a unified diff of the two scripts."""
@@ -305,14 +357,8 @@ def reduction_config_diff(old: ParameterSet, new: ParameterSet) -> ConfigDiff:
         )
     keys = list(old.values) + [k for k in new.values if k not in old.values]
     values = [ValueChange(key, old.values.get(key), new.values.get(key)) for key in keys]
-    script_lines = list(
-        difflib.unified_diff(
-            old.script_text.splitlines(),
-            new.script_text.splitlines(),
-            fromfile=f"v{old.number}",
-            tofile=f"v{new.number}",
-            lineterm="",
-        )
+    script_lines = script_diff_lines(
+        old.script_text, new.script_text, old_name=f"v{old.number}", new_name=f"v{new.number}"
     )
     return ConfigDiff(old, new, values, script_lines)
 

@@ -32,7 +32,7 @@ from reduction.services import (
     ConfigWriteResult,
     reduction_config_current,
     reduction_config_diff,
-    reduction_config_render,
+    reduction_config_preview,
     reduction_config_reset,
     reduction_config_update,
 )
@@ -155,19 +155,40 @@ def _script_state(instrument: Instrument, latest: ParameterSet | None) -> dict[s
 @login_required
 @require_POST
 def preview(request: HttpRequest, key: str) -> JsonResponse:
-    """The script the submitted values would produce. Writes nothing, so any logged-in user may
-    ask; answers 400 with per-field errors or 422 with the template error."""
+    """The script the submitted values would produce, and its diff against the latest version.
+    Writes nothing, so any logged-in user may ask; answers 400 with per-field errors or 422 with
+    the template error."""
     instrument = _instrument_or_404(key)
     form = instrument.form_class(request.POST)
     if not form.is_valid():
         return JsonResponse({"ok": False, "errors": errors_as_dict(form)}, status=400)
     try:
-        script = reduction_config_render(key, form.cleaned_values())
+        preview = reduction_config_preview(key, form.cleaned_values())
     except InvalidParameters as exc:
         return JsonResponse({"ok": False, "errors": exc.errors}, status=400)
     except ReductionConfigError as exc:
         return JsonResponse({"ok": False, "error": str(exc)}, status=422)
-    return JsonResponse({"ok": True, "script": script, "checksum": checksum(script)})
+    return JsonResponse(
+        {
+            "ok": True,
+            "script": preview.script,
+            "checksum": preview.checksum,
+            "version": preview.version,
+            "against": preview.against.number if preview.against else None,
+            "diff": [{"text": line, "kind": _line_kind(line)} for line in preview.diff_lines],
+        }
+    )
+
+
+def _line_kind(line: str) -> str:
+    """CSS class of a unified-diff line."""
+    if line.startswith(("---", "+++", "@@")):
+        return "meta"
+    if line.startswith("+"):
+        return "add"
+    if line.startswith("-"):
+        return "del"
+    return "same"
 
 
 @login_required
@@ -227,19 +248,7 @@ def diff(request: HttpRequest, key: str) -> HttpResponse:
         {"key": c.key, "old": _pretty(c.old), "new": _pretty(c.new), "changed": c.changed}
         for c in result.values
     ]
-    lines = [
-        {
-            "text": line,
-            "kind": "meta"
-            if line.startswith(("---", "+++", "@@"))
-            else "add"
-            if line.startswith("+")
-            else "del"
-            if line.startswith("-")
-            else "same",
-        }
-        for line in result.script_lines
-    ]
+    lines = [{"text": line, "kind": _line_kind(line)} for line in result.script_lines]
     return render(
         request,
         "reduction/diff.html",

@@ -29,6 +29,27 @@
     var pre = document.getElementById("preview-script");
     var problem = document.getElementById("preview-error");
     var sum = document.getElementById("preview-checksum");
+    var changes = document.getElementById("preview-changes");
+    var diffTitle = document.getElementById("preview-diff-title");
+    var diffPre = document.getElementById("preview-diff");
+
+    // The preview against the latest saved version: what a save would change in the script.
+    function showDiff(data) {
+      changes.hidden = data.against === null;
+      if (data.against === null) { return; }
+      diffPre.textContent = "";
+      if (!data.diff.length) {
+        diffTitle.textContent = "Identical to version " + data.against;
+        return;
+      }
+      diffTitle.textContent = "Changes against version " + data.against;
+      data.diff.forEach(function (line) {
+        var span = document.createElement("span");
+        span.className = line.kind;
+        span.textContent = line.text;
+        diffPre.appendChild(span);
+      });
+    }
     button.addEventListener("click", function () {
       button.disabled = true;
       clearErrors(form);
@@ -44,10 +65,12 @@
           if (data.ok) {
             problem.hidden = true;
             pre.textContent = data.script;
-            sum.textContent = "sha256 " + data.checksum + " (not saved)";
+            sum.textContent = "as version " + data.version + ", sha256 " + data.checksum + " (not saved)";
+            showDiff(data);
           } else {
             pre.textContent = "";
             sum.textContent = "";
+            changes.hidden = true;
             problem.hidden = false;
             problem.textContent = data.error || "Fix the fields marked in the form to see the script.";
             if (data.errors) { showErrors(form, data.errors); }

@@ -44,6 +44,15 @@ def test_scientist_previews_saves_resets_and_compares(browser_page: Any) -> None
     assert v1.script_checksum in confirmation
     assert page.input_value("#id_e_min") == "-0.25"
 
+    # A preview after the save shows what would change against the saved version.
+    page.fill("#id_e_max", "0.9")
+    page.click("#preview-button")
+    page.wait_for_selector("#preview-diff-title:has-text('Changes against version 1')")
+    assert "-E_MAX = 0.95" in page.inner_text("#preview-diff")
+    assert page.is_visible("#preview-diff .add:has-text('+E_MAX = 0.9')")
+    assert "as version 2" in page.inner_text("#preview-checksum")
+    assert ParameterSet.objects.count() == 1
+
     # Reset to defaults (after confirming the dialog) saves version 2.
     page.once("dialog", lambda dialog: dialog.accept())
     page.click("#reset-button")

@@ -286,3 +286,31 @@ def test_a_template_error_is_shown_on_the_page_and_in_the_preview(
     assert "'no_such_key' is undefined" in preview.json()["error"]
     assert not ParameterSet.objects.exists() and not ReductionProperty.objects.exists()
     assert not get_instrument("cncs").script_path().exists()
+
+
+def test_preview_shows_the_version_a_save_would_make_and_its_diff(
+    client: Any, cncs_scientist: Any
+) -> None:
+    url = reverse("reduction:preview", args=["cncs"])
+    client.force_login(cncs_scientist)
+    first = client.post(url, post_data("cncs", e_min="-0.25")).json()
+    assert (first["version"], first["against"], first["diff"]) == (1, None, [])
+
+    v1 = reduction_config_update(
+        "cncs", values=reduction_config_current("cncs"), user=None
+    ).parameter_set
+    same = client.post(url, post_data("cncs")).json()
+    changed = client.post(url, post_data("cncs", e_min="-0.25")).json()
+
+    assert (same["version"], same["against"], same["diff"]) == (1, 1, [])
+    assert same["checksum"] == v1.script_checksum  # what a save would install, byte for byte
+    assert (changed["version"], changed["against"]) == (2, 1)
+    lines = {(line["kind"], line["text"]) for line in changed["diff"]}
+    assert ("del", "-E_MIN = -0.2") in lines and ("add", "+E_MIN = -0.25") in lines
+    assert ("meta", "--- v1") in lines and ("meta", "+++ preview") in lines
+    assert ParameterSet.objects.count() == 1
+
+    saved = reduction_config_update(
+        "cncs", values=reduction_config_current("cncs") | {"e_min": -0.25}, user=None
+    )
+    assert saved.checksum == changed["checksum"]
