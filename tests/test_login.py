@@ -37,3 +37,25 @@ def test_logout_is_a_post_and_ends_the_session(client):
     client.force_login(user)
     assert client.post("/accounts/logout/").status_code == 302
     assert "_auth_user_id" not in client.session
+
+
+def test_a_forbidden_change_shows_why_on_the_403_page(client):
+    from tests.factories import UserFactory as Users
+
+    client.force_login(Users(username="outsider"))
+    response = client.post("/reduction/cncs/reset/")
+    assert response.status_code == 403
+    body = response.content.decode()
+    assert "Not allowed" in body and "cncs" in body.lower()
+
+
+def test_a_step_naming_an_unknown_reduction_instrument_is_invalid():
+    from django.core.exceptions import ValidationError
+
+    from tests.factories import ReductionStepFactory
+
+    step = ReductionStepFactory.build(reduction_instrument="nosuch")
+    with pytest.raises(ValidationError, match="unknown instrument 'nosuch'; known: chai, cncs"):
+        step.clean()
+    step.reduction_instrument = "cncs"
+    step.clean()

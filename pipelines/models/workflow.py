@@ -214,6 +214,20 @@ class ReductionStep(TimeStamped):
     def __str__(self) -> str:
         return f"{self.pipeline.name}/{self.name}"
 
+    def clean(self) -> None:
+        # The key must name a registered instrument, or no run of this step could render its
+        # script. Checked here (not as a field validator) so the registry stays code, not schema.
+        from reduction.instruments import INSTRUMENTS
+
+        if self.reduction_instrument and self.reduction_instrument not in INSTRUMENTS:
+            known = ", ".join(sorted(INSTRUMENTS))
+            raise ValidationError(
+                {
+                    "reduction_instrument": f"unknown instrument {self.reduction_instrument!r}; "
+                    f"known: {known}"
+                }
+            )
+
 
 class RunStatus(models.TextChoices):
     PENDING = "pending", "Pending"
