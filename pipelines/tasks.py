@@ -7,6 +7,7 @@ row for another try or fails it for good.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import socket
 from typing import Any
@@ -65,12 +66,37 @@ class OperationTask(Task):
             retryable=False,
         )
 
+    def operation_id_name(self) -> str | None:
+        """The keyword that carries the row id: the first parameter of ``run`` when it has one
+        (``stage_data_task(staging_job_id)``), else ``<table>_id`` of ``operation_model``."""
+        try:
+            parameters = list(inspect.signature(self.run).parameters.values())
+        except (TypeError, ValueError):
+            parameters = []
+        if parameters and parameters[0].kind in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        ):
+            return parameters[0].name
+        if self.operation_model is None:
+            return None
+        return f"{self.operation_model._meta.db_table}_id"
+
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
     ) -> None:
-        operation_id = args[0] if args else next(iter(kwargs.values()), None)
-        if operation_id is None:
-            log.error("%s failed without an operation id: %s", self.name, exc)
+        # The id is the first positional argument or the keyword named for it; never "the first
+        # keyword", whose position is the caller's choice and may be any other integer.
+        name = self.operation_id_name()
+        operation_id = args[0] if args else (kwargs or {}).get(name) if name else None
+        if isinstance(operation_id, bool) or not isinstance(operation_id, int):
+            log.error(
+                "%s failed without an operation id (args=%r, kwargs=%r): %s",
+                self.name,
+                args,
+                kwargs,
+                exc,
+            )
             return
         try:
             if is_retryable(exc):

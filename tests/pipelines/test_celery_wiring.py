@@ -40,6 +40,7 @@ from pipelines.models import (
     LongTermArchiveTransfer,
     PackageState,
     RunStatus,
+    StagingJob,
     StateEvent,
     Status,
 )
@@ -722,3 +723,52 @@ def test_round_trip_through_redis(cologne: Any, tmp_path: Path) -> None:
         leftover = list(client.scan_iter(match=f"{prefix}*"))
         if leftover:
             client.delete(*leftover)
+
+
+# --- which row a failure report is about ---------------------------------------------------------
+@pytest.mark.django_db
+def test_the_operation_id_keyword_is_found_by_name_not_by_position(task: ArchiveTask) -> None:
+    # Keyword order is the caller's: another integer keyword first must not be taken for the id.
+    bystander = _archive_row()
+    row = _archive_row()
+
+    task.on_failure(
+        OSError("flaky"),
+        "t",
+        (),
+        {"attempt": bystander.pk, "long_term_archive_transfer_id": row.pk},
+        None,
+    )
+
+    row.refresh_from_db()
+    bystander.refresh_from_db()
+    assert (row.status, row.retry_count) == (Status.PENDING, 1)
+    assert (bystander.status, bystander.retry_count) == (Status.IN_PROGRESS, 0)
+    assert _events(bystander) == []
+
+
+@pytest.mark.django_db
+def test_a_task_with_a_run_signature_names_its_id_parameter() -> None:
+    class StageTask(OperationTask):
+        name = "tests.pipelines.stage_task"
+        operation_model = StagingJob
+
+        def run(self, staging_job_id: int, verbose: bool = False) -> None:  # pragma: no cover
+            raise NotImplementedError
+
+    job = f.StagingJobFactory(status=Status.IN_PROGRESS)
+    StageTask().on_failure(
+        OSError("mount gone"), "t", (), {"verbose": True, "staging_job_id": job.pk}, None
+    )
+    job.refresh_from_db()
+    assert (job.status, job.retry_count) == (Status.PENDING, 1)
+
+
+@pytest.mark.django_db
+def test_a_failure_report_without_a_usable_id_touches_nothing(task: ArchiveTask, caplog) -> None:
+    row = _archive_row()
+    task.on_failure(OSError("x"), "t", (), {"verbose": True}, None)
+    task.on_failure(OSError("x"), "t", (True,), {}, None)
+    row.refresh_from_db()
+    assert (row.status, row.retry_count) == (Status.IN_PROGRESS, 0)
+    assert any("without an operation id" in r.getMessage() for r in caplog.records)
