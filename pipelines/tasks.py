@@ -29,7 +29,12 @@ def worker_identity() -> str:
 
 
 class OperationTask(Task):
-    """Base for tasks whose first argument is the id of an ``operation_model`` row."""
+    """Base for tasks whose first argument is the id of an ``operation_model`` row.
+
+    Contract for subclasses: when the task moves its row to ``in_progress`` it sets
+    ``lease_owner = worker_identity()``; ``on_failure`` relies on that to recognise its own
+    claim and to leave alone a row another worker took over after this one's lease expired.
+    """
 
     abstract = True
     operation_model: type[Operation] | None = None
@@ -49,21 +54,30 @@ class OperationTask(Task):
     def get_retry_count(self, operation_id: int) -> int:
         return self._row(operation_id).retry_count
 
-    def reset_state_on_failure(self, operation_id: int, exc: BaseException) -> Operation:
-        """Back to pending with one more retry used (or failed when none are left)."""
+    def reset_state_on_failure(
+        self, operation_id: int, exc: BaseException, *, owner: str | None = None
+    ) -> Operation:
+        """Back to pending with one more retry used (or failed when none are left). With
+        ``owner``, an in-progress row whose lease someone else holds is left alone."""
         return operation_retry_or_fail(
             self._row(operation_id),
             message=_describe(exc),
             actor=f"task:{self.name}",
             retryable=True,
+            owner=owner,
         )
 
-    def mark_permanent_failure(self, operation_id: int, exc: BaseException) -> Operation:
+    def mark_permanent_failure(
+        self, operation_id: int, exc: BaseException, *, owner: str | None = None
+    ) -> Operation:
+        """Failed for good (and its packages FAILED). ``owner`` as for
+        ``reset_state_on_failure``."""
         return operation_retry_or_fail(
             self._row(operation_id),
             message=_describe(exc),
             actor=f"task:{self.name}",
             retryable=False,
+            owner=owner,
         )
 
     def operation_id_name(self) -> str | None:
@@ -98,11 +112,15 @@ class OperationTask(Task):
                 exc,
             )
             return
+        # A worker that moves its row to in_progress sets lease_owner = worker_identity(). If
+        # another worker holds the row now, this report is late (our lease expired, the row was
+        # recovered and re-claimed) and must not reset or fail the newer claim.
+        owner = worker_identity()
         try:
             if is_retryable(exc):
-                self.reset_state_on_failure(operation_id, exc)
+                self.reset_state_on_failure(operation_id, exc, owner=owner)
             else:
-                self.mark_permanent_failure(operation_id, exc)
+                self.mark_permanent_failure(operation_id, exc, owner=owner)
         except Exception:  # never let failure handling mask the original error
             log.exception("%s: could not record the failure of row %s", self.name, operation_id)
 

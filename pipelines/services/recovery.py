@@ -19,7 +19,7 @@ from pipelines.models import (
     Status,
 )
 
-from .operations import operation_retry_or_fail
+from .operations import operation_settle_failure
 from .states import TransitionConflict, transition
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,10 @@ OPERATION_MODELS: tuple[type[Operation], ...] = (
 
 def recover_expired_leases(*, batch_size: int = 500, actor: str = "recovery") -> dict[str, int]:
     """Return each claimed row whose lease has expired to ``pending`` (one more retry used) or,
-    when its retries are spent, to ``failed``. Safe to run concurrently: a row another recoverer
-    or a late worker moved first is skipped. Returns counts per table."""
+    when its retries are spent, to ``failed``. Safe to run concurrently: each move is
+    conditional on the lease still being expired, so a row another recoverer or a late worker
+    moved first, or one re-claimed or renewed since it was listed, is skipped. Returns the
+    number of rows moved per table."""
     now = timezone.now()
     counts: dict[str, int] = {}
     for model in OPERATION_MODELS:
@@ -46,12 +48,15 @@ def recover_expired_leases(*, batch_size: int = 500, actor: str = "recovery") ->
                 status__in=[Status.SCHEDULED, Status.IN_PROGRESS], lease_expires_at__lt=now
             ).order_by("lease_expires_at")[:batch_size]
         )
+        done = 0
         for row in expired:
             reason = (
                 f"lease held by {row.lease_owner or 'unknown'} expired at {row.lease_expires_at}"
             )
-            operation_retry_or_fail(row, message=reason, actor=actor)
-        done = len(expired)
+            if operation_settle_failure(
+                row, message=reason, actor=actor, where={"lease_expires_at__lt": now}
+            ):
+                done += 1
         counts[model._meta.db_table] = done
     runs = list(
         ExecutedReductionStep.objects.filter(
@@ -66,6 +71,7 @@ def recover_expired_leases(*, batch_size: int = 500, actor: str = "recovery") ->
                 RunStatus.PENDING,
                 actor=actor,
                 reason=f"workflow manager lease of {run.lease_owner or 'unknown'} expired",
+                where={"lease_expires_at__lt": now},
                 updates={"lease_owner": "", "lease_expires_at": None},
             )
             done += 1

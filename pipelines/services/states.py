@@ -48,13 +48,17 @@ def transition(
     expected: str | None = None,
     updates: dict[str, Any] | None = None,
     context: dict[str, Any] | None = None,
+    where: dict[str, Any] | None = None,
 ) -> M:
     """Move ``instance.<field>`` from its current (or ``expected``) value to ``to``.
 
     ``updates`` are other columns written in the same UPDATE (e.g. a lease, a failure message,
-    ``F("retry_count") + 1``). Returns the instance with the new values set. Raises
-    ``ForbiddenTransition`` for a move the table does not allow and ``TransitionConflict`` when
-    the row is no longer in the expected state; in both cases nothing changed.
+    ``F("retry_count") + 1``). ``where`` adds lookups the row must still match for the UPDATE to
+    apply (e.g. ``{"lease_owner": me}`` or ``{"lease_expires_at__lt": now}``), so a claim taken
+    over meanwhile loses like a changed state. Returns the instance with the new values set.
+    Raises ``ForbiddenTransition`` for a move the table does not allow and
+    ``TransitionConflict`` when the row is no longer in the expected state or no longer matches
+    ``where``; in both cases nothing changed.
     """
     model = type(instance)
     table = model.TRANSITIONS.get(field)
@@ -74,11 +78,20 @@ def transition(
     if any(f.name == "updated_at" for f in model._meta.concrete_fields):
         values.setdefault("updated_at", timezone.now())
     with transaction.atomic():
-        changed = model._default_manager.filter(pk=instance.pk, **{field: current}).update(**values)
+        changed = (
+            model._default_manager.filter(pk=instance.pk, **{field: current})
+            .filter(**(where or {}))
+            .update(**values)
+        )
         if changed != 1:
             actual = (
                 model._default_manager.filter(pk=instance.pk).values_list(field, flat=True).first()
             )
+            if actual == current and where:
+                raise TransitionConflict(
+                    f"{label}: {field} is {current!r} but the row no longer matches {where!r}; "
+                    f"the move to {to!r} was not applied"
+                )
             raise TransitionConflict(
                 f"{label}: expected {field}={current!r} but it is {actual!r}; "
                 f"the move to {to!r} was not applied"

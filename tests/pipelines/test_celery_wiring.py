@@ -44,7 +44,8 @@ from pipelines.models import (
     StateEvent,
     Status,
 )
-from pipelines.tasks import OperationTask, recover_expired_leases
+from pipelines.services import recovery
+from pipelines.tasks import OperationTask, recover_expired_leases, worker_identity
 from tests import factories as f
 from tests.conftest import require_service
 from workflow_site.celery import app as project_app
@@ -263,7 +264,8 @@ def task() -> ArchiveTask:
 def _archive_row(**kwargs: Any) -> LongTermArchiveTransfer:
     defaults: dict[str, Any] = {
         "status": Status.IN_PROGRESS,
-        "lease_owner": "worker-1:123",
+        # Claimed by this process, as a worker task's own row is when its failure is reported.
+        "lease_owner": worker_identity(),
         "lease_expires_at": timezone.now() + timedelta(minutes=10),
     }
     row: LongTermArchiveTransfer = f.LongTermArchiveTransferFactory(**{**defaults, **kwargs})
@@ -481,7 +483,7 @@ def test_an_unexpired_lease_is_left_alone() -> None:
     row.refresh_from_db()
     assert row.status == Status.IN_PROGRESS
     assert row.retry_count == 0
-    assert row.lease_owner == "worker-1:123"
+    assert row.lease_owner == worker_identity()
     assert counts["long_term_archive_transfer"] == 0
     assert _events(row) == []
 
@@ -772,3 +774,81 @@ def test_a_failure_report_without_a_usable_id_touches_nothing(task: ArchiveTask,
     row.refresh_from_db()
     assert (row.status, row.retry_count) == (Status.IN_PROGRESS, 0)
     assert any("without an operation id" in r.getMessage() for r in caplog.records)
+
+
+# --- late reports and late recoverers never clobber a newer claim --------------------------------
+@pytest.mark.django_db
+@pytest.mark.parametrize("exc", [OSError("late"), NonRetryableError("late and permanent")])
+def test_a_failure_report_for_a_row_another_worker_now_holds_changes_nothing(
+    task: ArchiveTask, exc: Exception
+) -> None:
+    # This worker's lease expired, the row was recovered and re-claimed by worker B; this
+    # worker's late failure must not reset or fail B's claim (nor fail the package).
+    row = _archive_row(lease_owner="worker-b:77", failure_error_message="")
+
+    task.on_failure(exc, "t", (row.pk,), {}, None)
+
+    row.refresh_from_db()
+    assert (row.status, row.retry_count, row.lease_owner) == (
+        Status.IN_PROGRESS,
+        0,
+        "worker-b:77",
+    )
+    assert row.failure_error_message == ""
+    assert _events(row) == []
+    row.raw_data_package.refresh_from_db()
+    assert row.raw_data_package.state == PackageState.WAITING
+
+
+@pytest.mark.django_db
+def test_recovery_leaves_a_row_that_was_reclaimed_after_it_was_listed(monkeypatch) -> None:
+    row = _archive_row(
+        lease_owner="dead-host:42", lease_expires_at=timezone.now() - timedelta(minutes=1)
+    )
+    real = recovery.operation_settle_failure
+
+    def reclaimed_meanwhile(stale: Any, **kwargs: Any) -> bool:
+        # Between the listing and the settlement another recoverer handed the row back and a
+        # new worker claimed it with a fresh lease.
+        LongTermArchiveTransfer.objects.filter(pk=stale.pk).update(
+            lease_owner="worker-b:77",
+            lease_expires_at=timezone.now() + timedelta(minutes=10),
+            retry_count=1,
+        )
+        return bool(real(stale, **kwargs))
+
+    monkeypatch.setattr(recovery, "operation_settle_failure", reclaimed_meanwhile)
+
+    counts = recover_expired_leases()
+
+    row.refresh_from_db()
+    assert (row.status, row.retry_count, row.lease_owner) == (
+        Status.IN_PROGRESS,
+        1,
+        "worker-b:77",
+    )
+    assert _events(row) == []
+    assert counts["long_term_archive_transfer"] == 0
+
+
+@pytest.mark.django_db
+def test_recovery_counts_only_the_rows_it_moved(monkeypatch) -> None:
+    expired = timezone.now() - timedelta(minutes=1)
+    moved = _archive_row(lease_owner="dead:1", lease_expires_at=expired)
+    settled = _archive_row(lease_owner="dead:2", lease_expires_at=expired)
+    real = recovery.operation_settle_failure
+
+    def one_finished_meanwhile(stale: Any, **kwargs: Any) -> bool:
+        if stale.pk == settled.pk:
+            # The late worker completed it after the listing.
+            LongTermArchiveTransfer.objects.filter(pk=stale.pk).update(status=Status.COMPLETED)
+        return bool(real(stale, **kwargs))
+
+    monkeypatch.setattr(recovery, "operation_settle_failure", one_finished_meanwhile)
+
+    counts = recover_expired_leases()
+
+    assert counts["long_term_archive_transfer"] == 1
+    moved.refresh_from_db()
+    settled.refresh_from_db()
+    assert (moved.status, settled.status) == (Status.PENDING, Status.COMPLETED)

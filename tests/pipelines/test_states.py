@@ -249,3 +249,17 @@ def test_many_threads_racing_on_different_targets_still_give_one_winner(require_
     assert results == [(1, 5)] * 5
     for run in m.ExecutedReductionStep.objects.all():
         assert m.StateEvent.objects.for_object(run).count() == 1
+
+
+@pytest.mark.django_db
+def test_a_where_condition_the_row_no_longer_matches_is_a_conflict():
+    job = f.StagingJobFactory(status=m.Status.IN_PROGRESS, lease_owner="worker-b:2")
+
+    with pytest.raises(TransitionConflict, match="no longer matches"):
+        transition(job, m.Status.PENDING, actor="late", where={"lease_owner": "worker-a:1"})
+
+    job.refresh_from_db()
+    assert (job.status, job.lease_owner) == (m.Status.IN_PROGRESS, "worker-b:2")
+    assert not m.StateEvent.objects.for_object(job).exists()
+    transition(job, m.Status.PENDING, actor="owner", where={"lease_owner": "worker-b:2"})
+    assert m.StateEvent.objects.for_object(job).get().actor == "owner"
