@@ -55,6 +55,9 @@ class StateEvent(models.Model):
     def save(self, *args: Any, **kwargs: Any) -> None:
         if self.pk is not None and not self._state.adding:
             raise AppendOnlyError("state events are append-only; they cannot be changed")
+        # Always an INSERT: a new instance given an existing id would otherwise be saved with an
+        # UPDATE of that row (Django tries UPDATE first when the pk is set), rewriting history.
+        kwargs["force_insert"] = True
         super().save(*args, **kwargs)
 
     def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:

@@ -170,3 +170,20 @@ def test_state_events_are_append_only():
     with pytest.raises(AppendOnlyError):
         m.StateEvent.objects.all().delete()
     assert m.StateEvent.objects.get(pk=event.pk).reason == ""
+
+
+def test_a_new_event_carrying_an_existing_id_cannot_overwrite_it():
+    event = f.EventFactory(reason="what happened")
+    forged = m.StateEvent(
+        pk=event.pk, entity=event.entity, object_id=event.object_id, to_state="x", actor="forger"
+    )
+    with pytest.raises(IntegrityError), transaction.atomic():
+        forged.save()
+    with pytest.raises(AppendOnlyError), transaction.atomic():
+        m.StateEvent.objects.bulk_update([event], ["reason"])
+    kept = m.StateEvent.objects.get(pk=event.pk)
+    assert (kept.reason, kept.actor, kept.to_state) == (
+        "what happened",
+        event.actor,
+        event.to_state,
+    )
