@@ -432,6 +432,11 @@ def _write_file(prepared: _PreparedFile, *, actor: str) -> tuple[RawDataFile, bo
                 ),
             )
     except IntegrityError as exc:
+        # Another delivery of the same request may have inserted this id since the check above;
+        # answer it as the repeat it is (or refuse it as a contradiction), like a sequential one.
+        winner = RawDataFile.objects.filter(pk=values["id"]).first()
+        if winner is not None:
+            return _same_file(winner, values), False
         raise IngestError(
             f"raw data file {values['id']} at {values['relative_path']!r} conflicts with a row "
             f"written concurrently ({exc})"

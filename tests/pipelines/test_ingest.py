@@ -667,3 +667,31 @@ def test_bulk_with_the_same_item_twice_creates_it_once(
     assert [created for _, created in results] == [True, False]
     assert results[0][0].pk == results[1][0].pk
     assert RawDataFile.objects.count() == 1
+
+
+def test_a_concurrent_identical_registration_returns_the_winners_file(
+    scan: ExecutedObsUnit, module: Any, source: DataLocation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two deliveries of one client request race: both pass validation, the other one inserts
+    # first. The loser gets the idempotent answer, as a sequential repeat would, not an error.
+    from pipelines.services import ingest
+
+    kwargs = _file_kwargs(scan, module, source)
+    real_check = ingest._check_path_free
+    calls = {"n": 0}
+
+    def other_request_wins(values: dict[str, Any]) -> None:
+        calls["n"] += 1
+        real_check(values)
+        if calls["n"] == 2:  # in _write_file, after its own "already there?" check
+            monkeypatch.setattr(ingest, "_check_path_free", real_check)
+            raw_data_file_register(**kwargs, actor="other-delivery")
+
+    monkeypatch.setattr(ingest, "_check_path_free", other_request_wins)
+
+    raw_file, created = raw_data_file_register(**kwargs, actor="api")
+
+    assert created is False
+    assert raw_file.pk == kwargs["id"]
+    assert RawDataFile.objects.count() == 1
+    assert PhysicalCopy.objects.filter(raw_data_file=raw_file).count() == 1
