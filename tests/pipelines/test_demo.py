@@ -341,3 +341,22 @@ def test_demo_no_serve_sets_everything_up(client: Any) -> None:
     assert _row_counts() == counts
     assert "http://127.0.0.1:8123/admin/" in again
     assert "the password it already had" in again
+
+
+def test_demo_refuses_to_serve_plain_http_when_the_secure_settings_are_on(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A DJANGO_SECRET_KEY left in the shell turns DJANGO_SECURE on: every page of the HTTP-only
+    # demo would redirect to https:// and the secure cookies would never come back. Say so
+    # before doing anything, instead of serving a site that cannot be used.
+    from pipelines.management.commands import demo
+
+    settings.SECURE_SSL_REDIRECT = True
+    settings.SESSION_COOKIE_SECURE = True
+    served: list[str] = []
+    monkeypatch.setattr(demo, "call_command", lambda *args, **kwargs: served.append(args[0]))
+
+    with pytest.raises(CommandError, match="DJANGO_SECURE=0"):
+        call_command("demo", stdout=StringIO())
+
+    assert served == []

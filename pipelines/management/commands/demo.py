@@ -9,7 +9,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.management import call_command
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from pipelines.services.demo import (
     ADMIN_USERNAME,
@@ -44,6 +44,8 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         self.options = options
+        if not options["no_serve"]:
+            self.check_plain_http()
         self.password = options["password"] or os.environ.get("DEMO_PASSWORD") or DEFAULT_PASSWORD
         self.facility: DemoFacility | None = None
         for label, step in self.setup_steps():
@@ -89,6 +91,18 @@ class Command(BaseCommand):
             )
         self.stdout.write(self.style.SUCCESS(f"Demo ready: {url}"))
         self.stdout.write(f"Log in as {login}")
+
+    def check_plain_http(self) -> None:
+        """The demo serves plain HTTP on 127.0.0.1. With the secure settings on (they default
+        to on once DJANGO_SECRET_KEY is set and DJANGO_DEBUG is off) every page would redirect
+        to https:// and no login cookie would come back, so refuse before setting anything up."""
+        if settings.SECURE_SSL_REDIRECT or settings.SESSION_COOKIE_SECURE:
+            raise CommandError(
+                "the demo serves plain HTTP, but the secure settings are on (HTTPS redirect, "
+                "secure cookies; DJANGO_SECURE defaults to on when DJANGO_SECRET_KEY is set and "
+                "DJANGO_DEBUG is off). Run it with DJANGO_SECURE=0, or unset DJANGO_SECRET_KEY, "
+                "or use --no-serve and serve it behind TLS."
+            )
 
     def serve(self) -> None:
         # WhiteNoise warns at start-up when STATIC_ROOT is missing; the demo serves from the
