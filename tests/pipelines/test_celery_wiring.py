@@ -852,3 +852,29 @@ def test_recovery_counts_only_the_rows_it_moved(monkeypatch) -> None:
     moved.refresh_from_db()
     settled.refresh_from_db()
     assert (moved.status, settled.status) == (Status.PENDING, Status.COMPLETED)
+
+
+@pytest.mark.django_db
+def test_a_claim_without_any_lease_is_recovered_once_it_is_older_than_a_lease(settings) -> None:
+    # NULL < now is never true in SQL: without this, a claim written without a lease (a claimer's
+    # bug, a hand edit) would stay in_progress forever.
+    settings.WORKFLOW_LEASE_SECONDS = 600
+    old = _archive_row(lease_owner="", lease_expires_at=None)
+    recent = f.StagingJobFactory(status=Status.SCHEDULED, lease_expires_at=None)
+    run = f.ExecutedReductionStepFactory(status=RunStatus.STAGING_DATA, lease_expires_at=None)
+    stale = timezone.now() - timedelta(seconds=601)
+    LongTermArchiveTransfer.objects.filter(pk=old.pk).update(updated_at=stale)
+    type(run).objects.filter(pk=run.pk).update(updated_at=stale)
+
+    counts = recover_expired_leases()
+
+    assert counts["long_term_archive_transfer"] == 1
+    assert counts["staging_job"] == 0
+    assert counts["executed_reduction_step"] == 1
+    old.refresh_from_db()
+    recent.refresh_from_db()
+    run.refresh_from_db()
+    assert (old.status, old.retry_count) == (Status.PENDING, 1)
+    assert "no lease" in old.failure_error_message
+    assert recent.status == Status.SCHEDULED
+    assert run.status == RunStatus.PENDING
