@@ -76,7 +76,7 @@ def operation_mark_failed(
                 package, actor=actor, reason=f"{row._meta.db_table} {row.pk}: {message}"
             )
     alerts.error(
-        "%s %s failed permanently after %d retries: %s",
+        "%s %s failed permanently (%d retries used): %s",
         row._meta.verbose_name,
         row.pk,
         row.retry_count,
