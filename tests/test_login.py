@@ -59,3 +59,15 @@ def test_a_step_naming_an_unknown_reduction_instrument_is_invalid():
         step.clean()
     step.reduction_instrument = "cncs"
     step.clean()
+
+
+def test_the_overview_counts_packages_per_state(client):
+    from tests.factories import RawDataPackageFactory
+
+    RawDataPackageFactory.create_batch(2)
+    RawDataPackageFactory(state="failed")
+    client.force_login(UserFactory())
+    body = client.get("/").content.decode()
+    assert "<h2>2</h2><p>packages waiting" in body
+    assert "<h2>1</h2><p>packages failed" in body
+    assert "<h2>0</h2><p>packages archived" in body
