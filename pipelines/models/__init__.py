@@ -11,7 +11,6 @@ from .files import (
 )
 from .locations import (
     COPY_TRANSITIONS,
-    LIVE_COPY_STATUSES,
     DataLocation,
     PhysicalCopy,
     PhysicalCopyStatus,
@@ -61,7 +60,6 @@ __all__ = [
     "ACTIVE_RUN_STATUSES",
     "CANCELLABLE_RUN_STATUSES",
     "COPY_TRANSITIONS",
-    "LIVE_COPY_STATUSES",
     "PACKAGE_STATE_TRANSITIONS",
     "RUN_TRANSITIONS",
     "STATUS_TRANSITIONS",

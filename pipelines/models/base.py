@@ -84,7 +84,3 @@ class Operation(StatefulModel, TimeStamped):
     @property
     def is_terminal(self) -> bool:
         return self.status == Status.COMPLETED
-
-    @property
-    def retries_left(self) -> int:
-        return max(self.max_retries - self.retry_count, 0)

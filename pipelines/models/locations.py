@@ -163,14 +163,6 @@ COPY_TRANSITIONS: dict[str, set[str]] = {
     _C.DELETED: set(),
 }
 
-LIVE_COPY_STATUSES = (
-    _C.PRESENT,
-    _C.STAGED,
-    _C.DELETION_POSSIBLE,
-    _C.DELETION_SCHEDULED,
-    _C.DELETION_FAILED,
-)
-
 
 class Kind(models.TextChoices):
     RAW_DATA_FILE = "raw_data_file", "Raw data file"
@@ -320,12 +312,3 @@ class PhysicalCopy(StatefulModel, TimeStamped):
 
     def __str__(self) -> str:
         return f"{self.kind} copy @ {self.location_id}: {self.relative_path} [{self.status}]"
-
-    @property
-    def content_object(self) -> models.Model | None:
-        return (
-            self.raw_data_file
-            or self.raw_data_package
-            or self.data_transfer_package
-            or self.data_product
-        )

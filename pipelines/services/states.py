@@ -31,13 +31,6 @@ class TransitionConflict(TransitionError):
     """Another process moved the row first (the race was lost)."""
 
 
-def allowed_targets(model: type[StatefulModel], field: str, current: str) -> set[str]:
-    table = model.TRANSITIONS.get(field)
-    if table is None:
-        raise ValueError(f"{model.__name__}.{field} is not a state field")
-    return table.get(current, set())
-
-
 def transition(
     instance: M,
     to: str,
