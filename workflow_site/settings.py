@@ -10,8 +10,6 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-from celery.schedules import crontab  # noqa: F401  (kept for CRON-style entries below)
-
 from workflow_site.env import (
     env_bool,
     env_choice,
