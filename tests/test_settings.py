@@ -199,6 +199,49 @@ def test_malformed_database_urls_are_rejected(tmp_path, url: str, message: str) 
         parse_database_url(url, base_dir=tmp_path)
 
 
+@pytest.mark.parametrize("raw", ["abc", "1.5", "sixty"])
+def test_a_non_integer_conn_max_age_is_rejected_naming_database_url_and_the_option(
+    tmp_path, raw: str
+) -> None:
+    with pytest.raises(ImproperlyConfigured) as excinfo:
+        parse_database_url(f"postgres://u@h:5432/d?conn_max_age={raw}", base_dir=tmp_path)
+    assert "DATABASE_URL" in str(excinfo.value)
+    assert f"conn_max_age={raw!r}" in str(excinfo.value)
+
+
+def test_a_negative_conn_max_age_is_rejected(tmp_path) -> None:
+    with pytest.raises(ImproperlyConfigured, match="DATABASE_URL option conn_max_age=-1"):
+        parse_database_url("postgres://u@h:5432/d?conn_max_age=-1", base_dir=tmp_path)
+
+
+def test_a_percent_encoded_unix_socket_host_is_decoded_with_its_case_kept(tmp_path) -> None:
+    db = parse_database_url("postgres://%2Fvar%2Frun%2FPostgreSQL/ops_db", base_dir=tmp_path)
+    assert db["HOST"] == "/var/run/PostgreSQL"
+    assert (db["NAME"], db["PORT"]) == ("ops_db", "")
+
+
+def test_a_unix_socket_host_may_come_with_credentials(tmp_path) -> None:
+    db = parse_database_url("postgres://ops:pw@%2Frun%2Fpg:5433/ops_db", base_dir=tmp_path)
+    assert (db["USER"], db["PASSWORD"], db["HOST"], db["PORT"]) == ("ops", "pw", "/run/pg", "5433")
+
+
+def test_an_ipv6_host_loses_its_brackets(tmp_path) -> None:
+    db = parse_database_url("postgres://u@[::1]:5432/d", base_dir=tmp_path)
+    assert (db["HOST"], db["PORT"]) == ("::1", "5432")
+
+
+@pytest.mark.parametrize("url", ["postgres://u@h/d", "sqlite:///ops.sqlite3"])
+def test_database_connections_are_health_checked_before_reuse(tmp_path, url: str) -> None:
+    assert parse_database_url(url, base_dir=tmp_path)["CONN_HEALTH_CHECKS"] is True
+
+
+def test_a_rejected_database_url_does_not_show_its_password(tmp_path) -> None:
+    with pytest.raises(ImproperlyConfigured) as excinfo:
+        parse_database_url("postgres://ops:s3cret-pw@h:port/d", base_dir=tmp_path)
+    assert "s3cret-pw" not in str(excinfo.value)
+    assert "postgres://ops:***@h:port/d" in str(excinfo.value)
+
+
 # --- whole settings, in a subprocess -------------------------------------------------------------
 def _clean_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
     # Every DJANGO_* variable goes too: e.g. DJANGO_ALLOW_ASYNC_UNSAFE, which browser tests set
@@ -241,6 +284,7 @@ print(json.dumps({
     "broker": settings.CELERY_BROKER_URL,
     "debug": settings.DEBUG,
     "allowed_hosts": settings.ALLOWED_HOSTS,
+    "conn_health_checks": settings.DATABASES["default"]["CONN_HEALTH_CHECKS"],
 }))
 """
 
@@ -334,6 +378,11 @@ def test_database_url_postgres_switches_the_engine(tmp_path) -> None:
     )
     assert loaded["engine"] == "django.db.backends.postgresql"
     assert loaded["db_name"] == "opsdb"
+    assert loaded["conn_health_checks"] is True
+
+
+def test_the_default_database_is_health_checked_too(tmp_path) -> None:
+    assert _settings_in_subprocess(tmp_path)["conn_health_checks"] is True
 
 
 def test_redis_url_switches_cache_and_channel_layer(tmp_path) -> None:
