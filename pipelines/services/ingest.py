@@ -275,6 +275,9 @@ def raw_data_files_register_bulk(
             raise IngestError(f"item {index}: {exc}") from exc
     results: list[tuple[RawDataFile, bool]] = []
     with transaction.atomic():
+        # Lock every scan this request writes to up front, in primary-key order, so two bulk
+        # requests over the same scans cannot deadlock; ``_write_file`` re-checks each one.
+        _lock_scans(e.values["executed_obs_unit_id"] for e in prepared if e.existing is None)
         for index, entry in enumerate(prepared):
             if entry.existing is not None:
                 results.append((entry.existing, False))
@@ -360,18 +363,9 @@ def _prepare_file(
         )
     if not source_location.active:
         raise IngestError(f"location {source_location} is not active")
-    scan_status = (
-        ExecutedObsUnit.objects.filter(pk=executed_obs_unit.pk)
-        .values_list("status", flat=True)
-        .first()
-    )
-    if scan_status is None:
-        raise IngestError(f"executed obs unit {executed_obs_unit.pk} does not exist")
-    if scan_status not in REGISTRABLE_SCAN_STATUSES:
-        raise IngestError(
-            f"executed obs unit {executed_obs_unit.pk} is {scan_status}; files are accepted only "
-            f"while it is {', '.join(REGISTRABLE_SCAN_STATUSES)}"
-        )
+    # Checked before the (long) verification so a known-bad scan costs no disk reads, and again
+    # under a row lock when the file is written (``_write_file``).
+    _check_scan_accepts_files(executed_obs_unit.pk)
 
     verified = ""
     root = _readable_root(source_location)
@@ -403,6 +397,10 @@ def _write_file(prepared: _PreparedFile, *, actor: str) -> tuple[RawDataFile, bo
     existing = RawDataFile.objects.filter(pk=values["id"]).first()
     if existing is not None:
         return _same_file(existing, values), False
+    # The scan may have been declared failed while the file was verified. Its row stays locked
+    # until this transaction ends, so a concurrent ``transition`` waits for the file to be
+    # written (and the file then belongs to a scan that failed after it arrived).
+    _check_scan_accepts_files(values["executed_obs_unit_id"], lock=True)
     _check_path_free(values)
     try:
         with transaction.atomic():
@@ -442,6 +440,37 @@ def _write_file(prepared: _PreparedFile, *, actor: str) -> tuple[RawDataFile, bo
             f"written concurrently ({exc})"
         ) from exc
     return raw_file, True
+
+
+def _check_scan_accepts_files(scan_id: uuid.UUID, *, lock: bool = False) -> None:
+    """Raise ``IngestError`` unless the scan exists and is in ``REGISTRABLE_SCAN_STATUSES``.
+
+    With ``lock`` the scan row is locked (``SELECT ... FOR UPDATE``) until the caller's
+    transaction ends; the caller must be inside one.
+    """
+    if lock:
+        _lock_scans([scan_id])
+    status = ExecutedObsUnit.objects.filter(pk=scan_id).values_list("status", flat=True).first()
+    if status is None:
+        raise IngestError(f"executed obs unit {scan_id} does not exist")
+    if status not in REGISTRABLE_SCAN_STATUSES:
+        raise IngestError(
+            f"executed obs unit {scan_id} is {status}; files are accepted only "
+            f"while it is {', '.join(REGISTRABLE_SCAN_STATUSES)}"
+        )
+
+
+def _lock_scans(scan_ids: Iterable[uuid.UUID]) -> None:
+    """Lock these scan rows until the transaction ends (a no-op on SQLite, whose writers are
+    serialised anyway). Rows are locked in primary-key order."""
+    ids = set(scan_ids)
+    if ids:
+        list(
+            ExecutedObsUnit.objects.select_for_update()
+            .filter(pk__in=ids)
+            .order_by("pk")
+            .values_list("pk", flat=True)
+        )
 
 
 def _same_file(existing: RawDataFile, values: dict[str, Any]) -> RawDataFile:
