@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +64,35 @@ def reduction_config_current(instrument_key: str) -> dict[str, Any]:
         ReductionProperty.objects.filter(instrument=instrument_key).values_list("key", "value")
     )
     return {key: stored.get(key, default) for key, default in values.items()}
+
+
+def _stored_form(value: Any) -> Any:
+    """``value`` as the database gives it back, for comparison: every number as an exact
+    Decimal (jsonb keeps numbers as decimals, so the float 1e30 returns as the int 10**30; SQLite
+    keeps the float), booleans, text and None tagged so that none equals a number, lists and
+    objects recursively."""
+    if isinstance(value, bool) or value is None:
+        return ("literal", value)
+    if isinstance(value, int):
+        return ("number", Decimal(value))
+    if isinstance(value, float):
+        # repr is the shortest text that reads back as this float: what json.dumps writes and
+        # what jsonb parses.
+        return ("number", Decimal(repr(value)))
+    if isinstance(value, str):
+        return ("text", value)
+    if isinstance(value, list | tuple):
+        return ("list", [_stored_form(v) for v in value])
+    if isinstance(value, Mapping):
+        return ("object", {k: _stored_form(v) for k, v in value.items()})
+    return ("other", value)
+
+
+def stored_values_equal(a: Any, b: Any) -> bool:
+    """Whether two JSON values are the same once stored: ``1e30 == 10**30`` and ``0.0 == 0``,
+    but ``True != 1`` and ``"1" != 1``. Every "did this change" test of the app uses this, so
+    that the same save is a no-change on PostgreSQL and on SQLite alike."""
+    return bool(_stored_form(a) == _stored_form(b))
 
 
 # The longest comment kept with a version (the page's input has the same maxlength).
@@ -207,9 +237,13 @@ def reduction_config_update(
             ReductionConfigLock.objects.select_for_update().get(instrument=instrument_key)
             latest = ParameterSet.objects.latest_for(instrument_key)
             rows = {p.key: p for p in ReductionProperty.objects.filter(instrument=instrument_key)}
-            changed = [k for k, v in cleaned.items() if k not in rows or rows[k].value != v]
+            changed = [
+                k
+                for k, v in cleaned.items()
+                if k not in rows or not stored_values_equal(rows[k].value, v)
+            ]
 
-            if not changed and latest is not None and latest.values == cleaned:
+            if not changed and latest is not None and stored_values_equal(latest.values, cleaned):
                 script = _render(instrument, cleaned, latest.number)
                 if checksum(script) == latest.script_checksum:
                     installed = _install(path, script)
@@ -281,7 +315,7 @@ class ValueChange:
 
     @property
     def changed(self) -> bool:
-        return self.old != self.new
+        return not stored_values_equal(self.old, self.new)
 
 
 @dataclass(frozen=True)
@@ -333,7 +367,7 @@ def reduction_config_preview(instrument_key: str, values: Mapping[str, Any]) -> 
     latest = ParameterSet.objects.latest_for(instrument_key)
     if latest is None:
         number = 1
-    elif latest.values == cleaned:
+    elif stored_values_equal(latest.values, cleaned):
         number = latest.number
     else:
         number = latest.number + 1
