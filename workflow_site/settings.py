@@ -38,6 +38,10 @@ _SECURE = env_bool("DJANGO_SECURE", not DEBUG and SECRET_KEY != _DEV_SECRET)
 SESSION_COOKIE_SECURE = _SECURE
 CSRF_COOKIE_SECURE = _SECURE
 SECURE_SSL_REDIRECT = _SECURE and env_bool("DJANGO_SSL_REDIRECT", True)
+# Kubernetes and load-balancer probes call /health over plain HTTP on the pod and count a 3xx as
+# healthy, so redirecting it would hide a dead database. Patterns match the path without its
+# leading slash; the URL itself is in pipelines/urls.py.
+SECURE_REDIRECT_EXEMPT = [r"^health$"]
 SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 31536000 if _SECURE else 0, minimum=0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = _SECURE
 SECURE_HSTS_PRELOAD = _SECURE

@@ -9,6 +9,7 @@ from django.db import connection
 from django.db.models import Count
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
+from django.views.decorators.cache import never_cache
 
 from pipelines.models import (
     ExecutedObsUnit,
@@ -37,8 +38,14 @@ def home(request: HttpRequest) -> HttpResponse:
     return render(request, "pipelines/home.html", context)
 
 
+@never_cache
 def health(request: HttpRequest) -> JsonResponse:
     """Liveness of the database; the full report (broker, heartbeats) comes with the managers.
+
+    200 ``{"status": "ok", "database": "ok"}`` when every dependency checked answers; otherwise
+    503 ``{"status": "degraded", <dependency>: "error"}``. Probes count any 2xx/3xx as healthy,
+    so this URL is exempt from the HTTPS redirect (``SECURE_REDIRECT_EXEMPT`` in settings) and
+    the response is never cached.
 
     Public (no login, for load balancers), so a failure is reported as ``"error"`` only; the
     driver's message, which may name hosts, ports and users, goes to the log.

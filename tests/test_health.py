@@ -1,0 +1,114 @@
+"""The /health probe: 200 when its dependencies answer, 503 naming the one that does not, and
+never an HTTPS redirect, which Kubernetes would count as healthy even with the database down.
+
+The redirect only exists under the production settings, which are read once per process, so
+those checks run a Django test client in a subprocess (the way tests/test_settings.py does).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.db import OperationalError
+
+from tests.test_settings import ROOT, _clean_env, _production_env
+
+# A password, user and host that must never reach an unauthenticated caller.
+_UNREACHABLE_DB = "postgres://probe_user:probe-s3cret@127.0.0.1:1/opsdb?connect_timeout=2"
+
+_PROBE = """
+import json
+import django
+django.setup()
+from django.test import Client
+
+client = Client()
+out = {}
+for path in ("/health", "/"):
+    response = client.get(path, headers={"host": "workflow.example.org"})
+    out[path] = {
+        "status": response.status_code,
+        "location": response.get("Location"),
+        "body": response.content.decode(),
+        "cache_control": response.get("Cache-Control", ""),
+    }
+print(json.dumps(out))
+"""
+
+
+def _probe_production(tmp_path: Path, **env: str) -> dict[str, dict[str, object]]:
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE],
+        cwd=ROOT,
+        env=_clean_env(tmp_path, **_production_env(), **env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    loaded: dict[str, dict[str, object]] = json.loads(result.stdout.strip().splitlines()[-1])
+    return loaded
+
+
+# --- in this process ---------------------------------------------------------------------------
+@pytest.mark.django_db
+def test_it_answers_200_when_the_database_answers(client) -> None:
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "database": "ok"}
+    assert "no-store" in response["Cache-Control"]
+
+
+@pytest.mark.django_db
+def test_it_answers_503_naming_the_database_without_the_driver_message(
+    client, monkeypatch, caplog
+) -> None:
+    secret = 'connection to server at "10.1.2.3", port 5432 failed: password for user "ops"'
+
+    def broken_cursor(*args: object, **kwargs: object) -> None:
+        raise OperationalError(secret)
+
+    monkeypatch.setattr("pipelines.views.connection.cursor", broken_cursor)
+
+    response = client.get("/health")
+
+    assert response.status_code == 503
+    assert response.json() == {"status": "degraded", "database": "error"}
+    for detail in ("10.1.2.3", "5432", "ops", "password"):
+        assert detail not in response.content.decode()
+    assert any(record.exc_info and secret in str(record.exc_info[1]) for record in caplog.records)
+
+
+# --- under the production settings, in a subprocess --------------------------------------------
+@pytest.fixture(scope="module")
+def production(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, object]]:
+    """/health and / fetched over plain HTTP under the production settings, database up."""
+    return _probe_production(tmp_path_factory.mktemp("production"))
+
+
+def test_it_is_not_redirected_to_https_under_the_production_settings(production) -> None:
+    probe = production["/health"]
+    assert probe["status"] == 200, probe
+    assert json.loads(str(probe["body"])) == {"status": "ok", "database": "ok"}
+
+
+def test_it_answers_503_not_a_redirect_when_the_production_database_is_down(tmp_path) -> None:
+    probe = _probe_production(tmp_path, DATABASE_URL=_UNREACHABLE_DB)["/health"]
+    assert probe["status"] == 503, probe
+    assert probe["location"] is None
+    assert json.loads(str(probe["body"])) == {"status": "degraded", "database": "error"}
+    for detail in ("127.0.0.1", "probe_user", "probe-s3cret", "opsdb"):
+        assert detail not in str(probe["body"])
+
+
+def test_other_pages_are_still_redirected_to_https_under_the_production_settings(
+    production,
+) -> None:
+    probe = production["/"]
+    assert probe["status"] == 301
+    assert probe["location"] == "https://workflow.example.org/"
