@@ -103,6 +103,26 @@ class IntegerRangeListField(forms.CharField):
 # --- Float lists ("-0.5, 1e-3") ------------------------------------------------------------------
 
 
+def _float_item(position: int, item: Any) -> str:
+    """One item of a JSON list given to a FloatListField, as the text the field parses.
+
+    Only JSON numbers: text, null, lists, objects and booleans (which Python would turn into
+    1.0) are refused by position, as is an integer too large for a float, so that a bad import
+    file is a field error and not a traceback."""
+    if isinstance(item, bool) or not isinstance(item, int | float):
+        raise ValidationError(
+            "expected a list of numbers, item %(position)s is %(kind)s",
+            params={"position": position, "kind": _type_name(item)},
+        )
+    try:
+        return repr(float(item))
+    except OverflowError:
+        raise ValidationError(
+            "expected a list of numbers, item %(position)s is too large",
+            params={"position": position},
+        ) from None
+
+
 class FloatListField(forms.CharField):
     """Comma-separated floats, scientific notation included → ``list[float]``.
 
@@ -126,7 +146,7 @@ class FloatListField(forms.CharField):
 
     def prepare_value(self, value: Any) -> Any:
         if isinstance(value, list):
-            return ", ".join(repr(float(v)) for v in value)
+            return ", ".join(_float_item(i, v) for i, v in enumerate(value, start=1))
         return value
 
     def clean(self, value: Any) -> list[float]:
@@ -177,9 +197,16 @@ class NameListField(forms.CharField):
         super().__init__(**kwargs)
 
     def prepare_value(self, value: Any) -> Any:
-        if isinstance(value, list):
-            return ", ".join(str(v) for v in value)
-        return value
+        if not isinstance(value, list):
+            return value
+        for position, item in enumerate(value, start=1):
+            # str() would turn null into the valid log name "None" and true into "True".
+            if not isinstance(item, str):
+                raise ValidationError(
+                    "expected a list of names, item %(position)s is %(kind)s",
+                    params={"position": position, "kind": _type_name(item)},
+                )
+        return ", ".join(value)
 
     def clean(self, value: Any) -> list[str]:
         text = super().clean(self.prepare_value(value))
@@ -325,9 +352,13 @@ _LIST_FIELDS = (FloatListField, NameListField, MaskField, forms.MultipleChoiceFi
 
 
 def _type_name(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "text", bool: "true/false"}.get(
-        type(value), type(value).__name__
-    )
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "text",
+        bool: "true/false",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 def has_unstorable_text(value: Any) -> bool:
