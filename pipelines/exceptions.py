@@ -33,12 +33,37 @@ class IngestError(NonRetryableError):
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """Our own errors say; OS, network and database hiccups are worth another go; anything else
-    is a defect that will fail again the same way."""
+    """Our own errors say. Transient failures are worth another go: OS and network errors,
+    database and broker connection errors, Redis connection errors and timeouts, a command that
+    exited non-zero or timed out (a mount, a remote host, a busy archive), and a task that hit
+    its soft time limit. Anything else is a defect that will fail again the same way."""
     if isinstance(exc, OperationError):
         return exc.retryable
-    from django.db import InterfaceError, OperationalError
+    return isinstance(exc, _transient_errors())
 
-    return isinstance(
-        exc, OSError | TimeoutError | ConnectionError | OperationalError | InterfaceError
-    )
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    import subprocess
+
+    from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+    from django.db import InterfaceError, OperationalError
+    from kombu.exceptions import OperationalError as BrokerError
+
+    transient: list[type[BaseException]] = [
+        OSError,  # includes the builtin ConnectionError and TimeoutError
+        OperationalError,
+        InterfaceError,
+        BrokerError,
+        subprocess.CalledProcessError,
+        subprocess.TimeoutExpired,
+        SoftTimeLimitExceeded,
+        TimeLimitExceeded,
+    ]
+    try:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+    except ImportError:  # redis is optional: the embedded default needs no Redis
+        pass
+    else:
+        transient += [RedisConnectionError, RedisTimeoutError]
+    return tuple(transient)

@@ -10,34 +10,45 @@ from __future__ import annotations
 import inspect
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task, shared_task
 
 from pipelines.exceptions import is_retryable
 from pipelines.models import Operation
-from pipelines.services.operations import operation_retry_or_fail
+from pipelines.services.operations import operation_fail
 
 log = logging.getLogger(__name__)
 
 
 def worker_identity() -> str:
-    """Who holds a lease: host and process, so an operator can find the worker."""
+    """Who holds a lease, for people: host, process and thread, so an operator can find the
+    worker. Ownership itself is decided by the claim token, never by this name (threads of one
+    pool share a host and a process)."""
     import os
+    import threading
 
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_native_id()}"
+
+
+# The keyword every per-row task receives with the claim token of the row it works on.
+CLAIM_TOKEN = "claim_token"
 
 
 class OperationTask(Task):
-    """Base for tasks whose first argument is the id of an ``operation_model`` row.
+    """Base for tasks whose first argument is the id of an ``operation_model`` row and whose
+    keyword ``claim_token`` is the token of the manager's claim on that row.
 
-    Contract for subclasses: when the task moves its row to ``in_progress`` it sets
-    ``lease_owner = worker_identity()``; ``on_failure`` relies on that to recognise its own
-    claim and to leave alone a row another worker took over after this one's lease expired.
+    ``state_field`` is the phase the task works on (``status``; ``unpack_status`` for an unpack
+    task). On failure the row is settled through ``operation_fail``: retryable errors reset it
+    for another try while retries remain, others fail it for good, and a report from a claim
+    that no longer holds the row changes nothing.
     """
 
     abstract = True
     operation_model: type[Operation] | None = None
+    state_field = "status"
     acks_late = True
     reject_on_worker_lost = True
     track_started = True
@@ -46,38 +57,38 @@ class OperationTask(Task):
     # Retries are counted on the row, not by Celery: the manager re-dispatches a reset row.
     max_retries = 0
 
-    def _row(self, operation_id: int) -> Operation:
+    def _model(self) -> type[Operation]:
         if self.operation_model is None:
             raise TypeError(f"{self.name} declares no operation_model")
-        return self.operation_model._default_manager.get(pk=operation_id)
+        return self.operation_model
 
     def get_retry_count(self, operation_id: int) -> int:
-        return self._row(operation_id).retry_count
+        model = self._model()
+        row = model._default_manager.get(pk=operation_id)
+        return int(getattr(row, model.PHASES[self.state_field].retry_field))
 
-    def reset_state_on_failure(
-        self, operation_id: int, exc: BaseException, *, owner: str | None = None
-    ) -> Operation:
-        """Back to pending with one more retry used (or failed when none are left). With
-        ``owner``, an in-progress row whose lease someone else holds is left alone."""
-        return operation_retry_or_fail(
-            self._row(operation_id),
-            message=_describe(exc),
-            actor=f"task:{self.name}",
-            retryable=True,
-            owner=owner,
-        )
+    def reset_state_on_failure(self, operation_id: int, exc: BaseException, *, token: str) -> bool:
+        """Back to pending with one more retry used (or failed when none are left), if the claim
+        ``token`` still holds the row. Returns True when the row moved."""
+        return self._settle(operation_id, exc, token=token, retryable=True)
 
-    def mark_permanent_failure(
-        self, operation_id: int, exc: BaseException, *, owner: str | None = None
-    ) -> Operation:
-        """Failed for good (and its packages FAILED). ``owner`` as for
-        ``reset_state_on_failure``."""
-        return operation_retry_or_fail(
-            self._row(operation_id),
-            message=_describe(exc),
-            actor=f"task:{self.name}",
-            retryable=False,
-            owner=owner,
+    def mark_permanent_failure(self, operation_id: int, exc: BaseException, *, token: str) -> bool:
+        """Failed for good (and its packages FAILED), if ``token`` still holds the row."""
+        return self._settle(operation_id, exc, token=token, retryable=False)
+
+    def _settle(
+        self, operation_id: int, exc: BaseException, *, token: str, retryable: bool
+    ) -> bool:
+        return _with_live_connection(
+            lambda: operation_fail(
+                self._model(),
+                operation_id,
+                token=token,
+                message=_describe(exc),
+                actor=f"task:{self.name}",
+                retryable=retryable,
+                field=self.state_field,
+            )
         )
 
     def operation_id_name(self) -> str | None:
@@ -101,8 +112,10 @@ class OperationTask(Task):
     ) -> None:
         # The id is the first positional argument or the keyword named for it; never "the first
         # keyword", whose position is the caller's choice and may be any other integer.
+        kwargs = kwargs or {}
         name = self.operation_id_name()
-        operation_id = args[0] if args else (kwargs or {}).get(name) if name else None
+        operation_id = args[0] if args else kwargs.get(name) if name else None
+        token = kwargs.get(CLAIM_TOKEN)
         if isinstance(operation_id, bool) or not isinstance(operation_id, int):
             log.error(
                 "%s failed without an operation id (args=%r, kwargs=%r): %s",
@@ -112,17 +125,40 @@ class OperationTask(Task):
                 exc,
             )
             return
-        # A worker that moves its row to in_progress sets lease_owner = worker_identity(). If
-        # another worker holds the row now, this report is late (our lease expired, the row was
-        # recovered and re-claimed) and must not reset or fail the newer claim.
-        owner = worker_identity()
+        if not isinstance(token, str) or not token:
+            # Nobody can tell whether this run still held the row; the lease reconciler hands
+            # the row back once its lease expires.
+            log.error(
+                "%s failed for row %s without a claim token; left to lease recovery: %s",
+                self.name,
+                operation_id,
+                exc,
+            )
+            return
         try:
-            if is_retryable(exc):
-                self.reset_state_on_failure(operation_id, exc, owner=owner)
-            else:
-                self.mark_permanent_failure(operation_id, exc, owner=owner)
+            self._settle(operation_id, exc, token=token, retryable=is_retryable(exc))
         except Exception:  # never let failure handling mask the original error
             log.exception("%s: could not record the failure of row %s", self.name, operation_id)
+
+
+def _with_live_connection(record: Callable[[], bool]) -> bool:
+    """Run ``record`` on a working database connection. A failing task may have left the
+    connection dead (the server restarted, the backend was terminated): drop an unusable
+    connection first, and on a connection error reconnect and try once more, so the failure is
+    recorded now instead of waiting for lease expiry. Inside an atomic block (the caller's
+    transaction) the connection is left alone."""
+    from django.db import InterfaceError, OperationalError, connection
+
+    if not connection.in_atomic_block:
+        connection.close_if_unusable_or_obsolete()
+    try:
+        return record()
+    except (InterfaceError, OperationalError):
+        if connection.in_atomic_block:
+            raise
+        log.warning("database connection lost while recording a failure; reconnecting")
+        connection.close()
+        return record()
 
 
 def _describe(exc: BaseException) -> str:

@@ -4,7 +4,7 @@ is, and the rest still go through. Every action answers with a one-line summary.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from django.contrib import admin, messages
@@ -20,6 +20,7 @@ from pipelines.models import (
     RunStatus,
     Status,
 )
+from pipelines.services.operations import operation_reset
 from pipelines.services.recovery import recover_expired_leases
 from pipelines.services.states import ForbiddenTransition, TransitionConflict, transition
 
@@ -50,8 +51,12 @@ def move_rows(
     reason: str,
     verb: str,
     updates: dict[str, Any] | None = None,
+    service: Callable[..., Any] | None = None,
 ) -> int:
     """Move each selected row whose ``field`` is in ``from_states`` to ``to`` and report.
+
+    ``service``, when given, makes the move instead of a bare ``transition``: it is called as
+    ``service(row, actor=..., reason=..., field=...)`` (e.g. ``operation_reset``).
 
     The move is conditional on the state the row was read in (``expected``), so a row a worker
     moved in the meantime is reported as a conflict rather than overwritten. Returns the number
@@ -76,15 +81,18 @@ def move_rows(
             wrong_state.append(f"{row} ({current})")
             continue
         try:
-            transition(
-                row,
-                to,
-                field=field,
-                expected=current,
-                actor=actor,
-                reason=reason,
-                updates=dict(updates or {}),
-            )
+            if service is not None:
+                service(row, actor=actor, reason=reason, field=field)
+            else:
+                transition(
+                    row,
+                    to,
+                    field=field,
+                    expected=current,
+                    actor=actor,
+                    reason=reason,
+                    updates=dict(updates or {}),
+                )
         except (ForbiddenTransition, TransitionConflict) as exc:
             conflicts.append(str(exc))
         except IntegrityError as exc:
@@ -127,7 +135,7 @@ def reset_failed_to_pending(
         from_states={Status.FAILED},
         reason="operator reset",
         verb="Reset to pending:",
-        updates={"retry_count": 0, "failure_error_message": ""},
+        service=operation_reset,
     )
 
 
@@ -164,7 +172,7 @@ def reset_failed_unpacking(
         field="unpack_status",
         reason="operator reset of unpacking",
         verb="Reset unpacking to pending:",
-        updates={"unpack_retry_count": 0, "unpack_error_message": ""},
+        service=operation_reset,
     )
 
 

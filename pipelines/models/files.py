@@ -7,7 +7,14 @@ from typing import ClassVar
 
 from django.db import models
 
-from .base import STATUS_TRANSITIONS, Operation, Status, TimeStamped, choices_check
+from .base import (
+    STATUS_TRANSITIONS,
+    Operation,
+    Status,
+    TimeStamped,
+    choices_check,
+    operation_indexes,
+)
 from .locations import DataLocation
 
 
@@ -163,7 +170,7 @@ class RawDataPackage(Operation):
         ]
         indexes = [
             # Managers: due rows by status, oldest lease first.
-            models.Index(fields=["status", "lease_expires_at"], name="rdp_status_lease_idx"),
+            *operation_indexes("rdp"),
             # Transfer/archive managers and filter engine: packages by lifecycle state.
             models.Index(fields=["state", "created_at"], name="rdp_state_created_idx"),
             models.Index(
@@ -201,7 +208,7 @@ class DataTransferPackage(Operation):
             ),
         ]
         indexes = [
-            models.Index(fields=["status", "lease_expires_at"], name="dtp_status_lease_idx"),
+            *operation_indexes("dtp"),
         ]
 
     def __str__(self) -> str:

@@ -7,13 +7,16 @@ from typing import ClassVar
 from django.conf import settings
 from django.db import models
 
-from .base import STATUS_TRANSITIONS, Operation, Status, TimeStamped, choices_check
+from .base import (
+    STATUS_TRANSITIONS,
+    Operation,
+    Phase,
+    Status,
+    TimeStamped,
+    choices_check,
+    operation_indexes,
+)
 from .locations import DataLocation, Site
-
-
-def _operation_indexes(prefix: str) -> list[models.Index]:
-    # Manager query: due rows by status; reconciler query: claimed rows whose lease expired.
-    return [models.Index(fields=["status", "lease_expires_at"], name=f"{prefix}_status_lease_idx")]
 
 
 class RouteType(models.TextChoices):
@@ -74,6 +77,13 @@ class DataTransfer(Operation):
         "status": STATUS_TRANSITIONS,
         "unpack_status": STATUS_TRANSITIONS,
     }
+    # Unpacking is claimed, leased, retried and recovered like the copy, once the copy completed.
+    PHASES: ClassVar[dict[str, Phase]] = {
+        **Operation.PHASES,
+        "unpack_status": Phase(
+            "unpack_status", "unpack_retry_count", "unpack_error_message", {"status": "completed"}
+        ),
+    }
 
     data_transfer_package = models.ForeignKey(
         "pipelines.DataTransferPackage", on_delete=models.PROTECT, related_name="transfers"
@@ -112,7 +122,7 @@ class DataTransfer(Operation):
             ),
         ]
         indexes = [
-            *_operation_indexes("data_transfer"),
+            *operation_indexes("data_transfer"),
             models.Index(fields=["status", "unpack_status"], name="data_transfer_unpack_due_idx"),
         ]
 
@@ -163,7 +173,7 @@ class LongTermArchiveTransfer(Operation):
                 name="lta_transfer_one_live_per_destination",
             ),
         ]
-        indexes = _operation_indexes("lta_transfer")
+        indexes = operation_indexes("lta_transfer")
 
     def __str__(self) -> str:
         return f"archive {self.raw_data_package_id} -> {self.destination_location_id}"
@@ -203,7 +213,7 @@ class StagingJob(Operation):
         ordering = ["-created_at"]
         constraints = [choices_check("status", Status, "staging_job_status_valid")]
         indexes = [
-            *_operation_indexes("staging_job"),
+            *operation_indexes("staging_job"),
             # Deletion manager: which processing copies an active job still needs.
             models.Index(fields=["destination_location", "active"], name="staging_job_active_idx"),
         ]
@@ -231,7 +241,7 @@ class DeletionTask(Operation):
                 name="deletion_task_one_live_per_copy",
             ),
         ]
-        indexes = _operation_indexes("deletion_task")
+        indexes = operation_indexes("deletion_task")
 
     def __str__(self) -> str:
         return f"delete copy {self.physical_copy_id}"

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 
-from .base import StatefulModel, TimeStamped, choices_check
+from .base import Claimable, StatefulModel, TimeStamped, choices_check
 from .locations import DataLocation
 
 _STEP_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -265,7 +265,7 @@ class TriggeredBy(models.TextChoices):
     RETRY = "retry", "Retry"
 
 
-class ExecutedReductionStep(StatefulModel, TimeStamped):
+class ExecutedReductionStep(StatefulModel, TimeStamped, Claimable):
     """A run: one reduction step over one sub-group of data."""
 
     TRANSITIONS: ClassVar[dict[str, dict[str, set[str]]]] = {"status": RUN_TRANSITIONS}
@@ -315,8 +315,6 @@ class ExecutedReductionStep(StatefulModel, TimeStamped):
         db_table="executed_reduction_step_input_product",
     )
     hpc_job_id = models.CharField(max_length=100, blank=True, default="")
-    retry_count = models.PositiveIntegerField(default=0)
-    max_retries = models.PositiveIntegerField(default=3)
     attempts = models.JSONField(
         default=list, blank=True, help_text="one entry per attempt: job id, times, exit code"
     )
@@ -327,12 +325,7 @@ class ExecutedReductionStep(StatefulModel, TimeStamped):
     failure_reason = models.TextField(blank=True, default="")
     workspace_dir = models.CharField(max_length=1000, blank=True, default="")
     log_path = models.CharField(max_length=1000, blank=True, default="")
-    lease_owner = models.CharField(max_length=200, blank=True, default="")
-    lease_expires_at = models.DateTimeField(null=True, blank=True)
-    idempotency_key = models.CharField(max_length=200, blank=True, default="")
     submitted_at = models.DateTimeField(null=True, blank=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         db_table = "executed_reduction_step"

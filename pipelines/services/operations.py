@@ -1,17 +1,30 @@
-"""What happens to an operation row when its work fails: retry or fail for good.
+"""Claim, lease and settle: the life of an operation row, shared by every manager and worker.
 
-Used by the task base class (``pipelines.tasks.OperationTask``) and by lease recovery, so a
-worker that raised and a worker that died are treated alike.
+A manager claims due rows with ``operation_claim_batch`` (pending -> scheduled, with a lease and
+a claim token new for that claim) and enqueues one task per row with the token. The worker calls
+``operation_start`` (scheduled -> in_progress), renews its lease with ``operation_renew_lease``
+during long I/O, and ends with ``operation_complete``; when it raises, the task base class calls
+``operation_fail``. Every one of those moves is conditional on the claim token, so a report from
+an earlier claim (a worker whose lease expired, whose row was handed back and claimed again)
+changes nothing. ``operation_recover`` is the reconciler's move for an abandoned claim.
+
+A row may have more than one phase (``Operation.PHASES``): a transfer's ``status`` (the copy)
+and then its ``unpack_status``. Each function takes the phase's state field as ``field``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import F
+from django.utils import timezone
 
 from pipelines.models import (
     DataTransfer,
@@ -22,133 +35,311 @@ from pipelines.models import (
     Status,
 )
 
-from .states import ForbiddenTransition, TransitionConflict, transition
+from .states import ForbiddenTransition, TransitionConflict, transition, transition_batch
 
 log = logging.getLogger(__name__)
 alerts = logging.getLogger("pipelines.alerts")
 
 OpT = TypeVar("OpT", bound=Operation)
 
-_CLEAR_LEASE = {"lease_owner": "", "lease_expires_at": None}
+_CLEAR_LEASE = {"lease_owner": "", "lease_expires_at": None, "claim_token": ""}
+_MESSAGE_LIMIT = 5000
 
 
-def operation_reset_for_retry(
-    row: OpT, *, message: str, actor: str, where: dict[str, Any] | None = None
-) -> OpT:
-    """Put a claimed row back to ``pending`` with one more retry used. ``where``: see
-    ``transition``."""
-    return transition(
-        row,
-        Status.PENDING,
-        actor=actor,
-        reason=f"retrying: {message}",
-        where=where,
+class ClaimLost(TransitionConflict):
+    """The row is no longer held by this claim (recovered, re-claimed, or settled by someone
+    else). The worker must stop and leave the row alone."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a manager hands each worker task: the row ids claimed together and their token."""
+
+    token: str
+    ids: list[int]
+
+
+def new_claim_token() -> str:
+    return secrets.token_hex(16)
+
+
+def lease_expiry(seconds: int | None = None) -> Any:
+    return timezone.now() + timedelta(seconds=seconds or settings.WORKFLOW_LEASE_SECONDS)
+
+
+def operation_claim_batch(
+    model: type[Operation],
+    *,
+    owner: str,
+    limit: int,
+    field: str = "status",
+    lease_seconds: int | None = None,
+    queryset: Any = None,
+    actor: str | None = None,
+) -> Claim:
+    """Claim up to ``limit`` due rows of ``model`` (``queryset`` narrows them; default
+    ``model.objects.due(field)``): pending -> scheduled with a lease held by ``owner`` and one
+    new claim token, events written in bulk, all in one transaction. Returns the token and the
+    ids claimed (possibly none). Safe with several managers at once: a row is claimed once."""
+    token = new_claim_token()
+    candidates = queryset if queryset is not None else model.objects.due(field)
+    ids = transition_batch(
+        candidates,
+        Status.SCHEDULED,
+        field=field,
+        expected=Status.PENDING,
+        actor=actor or f"manager:{owner}",
+        reason="claimed",
         updates={
-            **_CLEAR_LEASE,
-            "retry_count": F("retry_count") + 1,
-            "failure_error_message": message[:5000],
+            "lease_owner": owner[:200],
+            "lease_expires_at": lease_expiry(lease_seconds),
+            "claim_token": token,
+        },
+        marker="claim_token",
+        limit=limit,
+    )
+    return Claim(token=token, ids=ids)
+
+
+def _held(token: str, field: str, *states: str) -> dict[str, Any]:
+    if not token:
+        raise ClaimLost("no claim token given: only the holder of a claim may move its row")
+    return {"claim_token": token, f"{field}__in": list(states)}
+
+
+def _conditional(row: OpT, to: str, *, field: str, token: str, **kwargs: Any) -> OpT:
+    try:
+        return transition(row, to, field=field, **kwargs)
+    except TransitionConflict as exc:
+        raise ClaimLost(
+            f"{row._meta.db_table} {row.pk}: claim {token[:8]} no longer holds the row ({exc})"
+        ) from exc
+
+
+def operation_start(
+    row: OpT, *, token: str, owner: str, field: str = "status", lease_seconds: int | None = None
+) -> OpT:
+    """scheduled -> in_progress for the worker holding ``token``, with a fresh lease. Raises
+    ``ClaimLost`` when the claim no longer holds the row (a redelivered task whose row was
+    handed back, or is held by a newer claim): the worker then does nothing."""
+    row.refresh_from_db()
+    return _conditional(
+        row,
+        Status.IN_PROGRESS,
+        field=field,
+        token=token,
+        actor=f"worker:{owner}",
+        reason="started",
+        expected=Status.SCHEDULED,
+        where=_held(token, field, Status.SCHEDULED),
+        updates={
+            "lease_owner": owner[:200],
+            "lease_expires_at": lease_expiry(lease_seconds),
+            "started_at": timezone.now(),
         },
     )
 
 
-def operation_mark_failed(
-    row: OpT, *, message: str, actor: str, where: dict[str, Any] | None = None
-) -> OpT:
-    """Fail the row for good, fail the packages that depended on it, and alert an operator.
-    ``where``: see ``transition``; when the row no longer matches, nothing is failed."""
-    from django.utils import timezone
+def operation_renew_lease(
+    model: type[Operation],
+    pk: int,
+    *,
+    token: str,
+    field: str = "status",
+    lease_seconds: int | None = None,
+) -> bool:
+    """Push the lease of a row this claim still holds; False when it no longer does (the worker
+    must stop). Not a state move, so no event is written."""
+    if not token:
+        return False
+    requires = model.PHASES[field].requires
+    return bool(
+        model._default_manager.filter(
+            pk=pk, **_held(token, field, Status.SCHEDULED, Status.IN_PROGRESS), **requires
+        ).update(lease_expires_at=lease_expiry(lease_seconds), updated_at=timezone.now())
+    )
 
-    with transaction.atomic():
+
+def operation_complete(
+    row: OpT,
+    *,
+    token: str,
+    actor: str,
+    field: str = "status",
+    reason: str = "completed",
+    updates: dict[str, Any] | None = None,
+) -> OpT:
+    """in_progress -> completed for the holder of ``token``; clears the lease. ``updates`` are
+    written in the same UPDATE (e.g. an idempotency key or a checksum). Raises ``ClaimLost``."""
+    return _conditional(
+        row,
+        Status.COMPLETED,
+        field=field,
+        token=token,
+        actor=actor,
+        reason=reason,
+        expected=Status.IN_PROGRESS,
+        where=_held(token, field, Status.IN_PROGRESS),
+        updates={**_CLEAR_LEASE, "finished_at": timezone.now(), **(updates or {})},
+    )
+
+
+def operation_fail(
+    model: type[Operation],
+    pk: int,
+    *,
+    token: str,
+    message: str,
+    actor: str,
+    retryable: bool,
+    field: str = "status",
+) -> bool:
+    """The one failure entry point, called by the task base class when a worker raises.
+
+    While the claim ``token`` still holds the row: a retryable error with retries left puts the
+    row back to pending with one more retry used; otherwise the row fails for good, the packages
+    that depended on it fail, and an operator is alerted. Returns True when the row moved.
+    Without the token (a late report about an earlier claim, or a row settled meanwhile) nothing
+    changes and False is returned."""
+    row = model._default_manager.filter(pk=pk).first()
+    if row is None:
+        log.warning("%s %s does not exist; failure report ignored: %s", model, pk, message)
+        return False
+    current = getattr(row, field)
+    if (
+        not token
+        or row.claim_token != token
+        or current not in (Status.SCHEDULED, Status.IN_PROGRESS)
+    ):
+        log.info(
+            "%s %s is %s under claim %s, not %s; failure report ignored: %s",
+            row._meta.db_table,
+            pk,
+            current,
+            row.claim_token[:8] or "-",
+            (token or "-")[:8],
+            message,
+        )
+        return False
+    try:
+        _settle(
+            row,
+            field=field,
+            message=message,
+            actor=actor,
+            retryable=retryable,
+            where={"claim_token": token},
+        )
+    except TransitionConflict as exc:
+        log.info("failure report not applied: %s", exc)
+        return False
+    return True
+
+
+def operation_recover(row: OpT, *, now: Any, field: str = "status", actor: str) -> bool:
+    """The reconciler's move for an abandoned claim (see ``OperationQuerySet.abandoned``).
+
+    A claim that never started (``scheduled``: the task waited in the queue, or was lost before
+    a worker took it) goes back to pending without using a retry, so a long backlog never fails
+    rows that never ran. A claim that started and was abandoned (the worker died) counts as a
+    failed attempt: pending with one more retry used, or failed when none are left. Conditional
+    on the row still being abandoned under the same claim; returns True when it moved."""
+    reason, where = abandoned_claim(row, now)
+    try:
+        if getattr(row, field) == Status.SCHEDULED:
+            transition(
+                row,
+                Status.PENDING,
+                field=field,
+                actor=actor,
+                reason=f"claim never started ({reason}); no retry used",
+                where=where,
+                updates=dict(_CLEAR_LEASE),
+            )
+        else:
+            _settle(row, field=field, message=reason, actor=actor, retryable=True, where=where)
+    except TransitionConflict as exc:
+        log.info("recovery not applied: %s", exc)
+        return False
+    return True
+
+
+def abandoned_claim(row: Any, now: Any) -> tuple[str, dict[str, Any]]:
+    """Why ``row``'s claim counts as abandoned, and the lookups a conditional move must still
+    match for it to be the same abandoned claim (not one renewed or re-claimed since)."""
+    if row.lease_expires_at is not None:
+        reason = f"lease held by {row.lease_owner or 'unknown'} expired at {row.lease_expires_at}"
+        where: dict[str, Any] = {"lease_expires_at__lt": now}
+    else:
+        reason = f"claimed with no lease and unchanged since {row.updated_at}"
+        where = {"lease_expires_at__isnull": True, "updated_at": row.updated_at}
+    where["claim_token"] = row.claim_token
+    return reason, where
+
+
+def operation_reset(row: OpT, *, actor: str, reason: str, field: str = "status") -> OpT:
+    """An operator's reset of a failed row (or failed unpacking): back to pending with its
+    retries restored, so the manager claims it again. Raises ``ForbiddenTransition`` when the
+    row is not failed, ``TransitionConflict`` when it moved meanwhile."""
+    phase = row.PHASES[field]
+    return transition(
+        row,
+        Status.PENDING,
+        field=field,
+        actor=actor,
+        reason=reason,
+        updates={**_CLEAR_LEASE, phase.retry_field: 0, phase.error_field: ""},
+    )
+
+
+def _settle(
+    row: OpT, *, field: str, message: str, actor: str, retryable: bool, where: dict[str, Any]
+) -> None:
+    phase = row.PHASES[field]
+    used = getattr(row, phase.retry_field)
+    message = message[:_MESSAGE_LIMIT]
+    if retryable and used < row.max_retries:
         transition(
             row,
-            Status.FAILED,
+            Status.PENDING,
+            field=field,
             actor=actor,
-            reason=message,
+            reason=f"retrying: {message}",
             where=where,
             updates={
                 **_CLEAR_LEASE,
-                "failure_error_message": message[:5000],
-                "finished_at": timezone.now(),
+                phase.retry_field: F(phase.retry_field) + 1,
+                phase.error_field: message,
             },
+        )
+        return
+    if retryable:
+        message = f"{message} (gave up after {used} retries)"
+    with transaction.atomic():
+        updates: dict[str, Any] = {**_CLEAR_LEASE, phase.error_field: message}
+        if field == "status":
+            updates["finished_at"] = timezone.now()
+        transition(
+            row,
+            Status.FAILED,
+            field=field,
+            actor=actor,
+            reason=message,
+            where=where,
+            updates=updates,
         )
         for package in _packages_of(row):
             _fail_package_state(
                 package, actor=actor, reason=f"{row._meta.db_table} {row.pk}: {message}"
             )
     alerts.error(
-        "%s %s failed permanently (%d retries used): %s",
+        "%s %s%s failed permanently (%d retries used): %s",
         row._meta.verbose_name,
         row.pk,
-        row.retry_count,
+        "" if field == "status" else f" ({field})",
+        used,
         message,
     )
-    return row
-
-
-def operation_settle_failure(
-    row: Operation,
-    *,
-    message: str,
-    actor: str,
-    retryable: bool = True,
-    owner: str | None = None,
-    where: dict[str, Any] | None = None,
-) -> bool:
-    """Reset ``row`` for retry while retries remain and the error is retryable, else fail it.
-    Returns True when this call moved the row, False when it left it alone.
-
-    Re-reads the row first. Left alone: a row already settled (pending, completed, failed);
-    with ``owner``, an ``in_progress`` row whose lease another worker holds (this report is
-    late: the claim it was about was recovered and taken over); and a row that changed between
-    the read and the conditional UPDATE (lost race), or no longer matches ``where``.
-    """
-    row.refresh_from_db()
-    if row.status in (Status.COMPLETED, Status.FAILED, Status.PENDING):
-        # Already settled by someone else (a finished retry, an operator): nothing to undo.
-        log.info(
-            "%s %s is %s; failure report ignored: %s",
-            row._meta.db_table,
-            row.pk,
-            row.status,
-            message,
-        )
-        return False
-    conditions = dict(where or {})
-    if owner is not None and row.status == Status.IN_PROGRESS:
-        if row.lease_owner and row.lease_owner != owner:
-            log.warning(
-                "%s %s is in progress under %s, not %s; late failure report ignored: %s",
-                row._meta.db_table,
-                row.pk,
-                row.lease_owner,
-                owner,
-                message,
-            )
-            return False
-        # The claim must still be the one just read when the UPDATE runs.
-        conditions["lease_owner"] = row.lease_owner
-    try:
-        if retryable and row.retry_count < row.max_retries:
-            operation_reset_for_retry(row, message=message, actor=actor, where=conditions)
-        else:
-            if retryable:
-                message = f"{message} (gave up after {row.retry_count} retries)"
-            operation_mark_failed(row, message=message, actor=actor, where=conditions)
-    except TransitionConflict as exc:
-        log.info("failure report not applied: %s", exc)
-        row.refresh_from_db()
-        return False
-    return True
-
-
-def operation_retry_or_fail(
-    row: OpT, *, message: str, actor: str, retryable: bool = True, owner: str | None = None
-) -> OpT:
-    """Reset for retry while retries remain and the error is retryable; otherwise fail.
-    Returns the row as it is afterwards (see ``operation_settle_failure`` for when it is left
-    alone)."""
-    operation_settle_failure(row, message=message, actor=actor, retryable=retryable, owner=owner)
-    return row
 
 
 def _packages_of(row: Operation) -> list[RawDataPackage]:

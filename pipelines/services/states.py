@@ -60,6 +60,7 @@ def transition(
     to = str(to)
     current = str(expected if expected is not None else getattr(instance, field))
     label = f"{model.__name__} {instance.pk}"
+    _refuse_state_updates(model, updates)
     if to not in table:
         raise ForbiddenTransition(f"{label}: {to!r} is not a {field} value of {model.__name__}")
     if to not in table.get(current, set()):
@@ -106,6 +107,91 @@ def transition(
     if expressions:
         instance.refresh_from_db(fields=expressions)
     return instance
+
+
+def transition_batch(
+    queryset: models.QuerySet[Any],
+    to: str,
+    *,
+    field: str = "status",
+    expected: str,
+    actor: str,
+    reason: str = "",
+    updates: dict[str, Any],
+    marker: str,
+    limit: int | None = None,
+) -> list[Any]:
+    """Move up to ``limit`` rows of ``queryset`` whose ``field`` is ``expected`` to ``to`` in one
+    conditional UPDATE, and write one event per moved row with one bulk INSERT, in one
+    transaction. Returns the primary keys of the rows this call moved, in ``queryset``'s order.
+
+    ``updates`` must set ``marker`` (a column name) to a value unique to this call, such as a
+    claim token: the moved rows are read back by that value, which is the portable equivalent
+    of ``UPDATE ... RETURNING``. On PostgreSQL the candidates are locked with ``SKIP LOCKED``,
+    so two callers at once take disjoint batches instead of waiting on each other; elsewhere the
+    conditional UPDATE alone decides (a row another caller moved first is simply not moved).
+    """
+    model = queryset.model
+    table = model.TRANSITIONS.get(field)
+    if table is None:
+        raise ValueError(f"{model.__name__}.{field} is not a state field")
+    _refuse_state_updates(model, updates)
+    if to not in table.get(str(expected), set()):
+        raise ForbiddenTransition(
+            f"{model.__name__}: {field} may not move from {expected!r} to {to!r}"
+        )
+    if marker not in updates:
+        raise ValueError(f"updates must set the marker column {marker!r}")
+    values: dict[str, Any] = {field: to, **updates}
+    if any(f.name == "updated_at" for f in model._meta.concrete_fields):
+        values.setdefault("updated_at", timezone.now())
+    with transaction.atomic():
+        candidates = queryset.filter(**{field: expected})
+        if connection_supports_skip_locked(queryset.db):
+            candidates = candidates.select_for_update(skip_locked=True, of=("self",))
+        ids = list(candidates.values_list("pk", flat=True)[:limit])
+        if not ids:
+            return []
+        model._default_manager.filter(pk__in=ids, **{field: expected}).update(**values)
+        moved = set(
+            model._default_manager.filter(pk__in=ids, **{marker: updates[marker]}).values_list(
+                "pk", flat=True
+            )
+        )
+        ids = [pk for pk in ids if pk in moved]
+        StateEvent.objects.bulk_create(
+            [
+                StateEvent(
+                    entity=model._meta.db_table,
+                    object_id=str(pk),
+                    field=field,
+                    from_state=str(expected),
+                    to_state=str(to),
+                    actor=actor,
+                    reason=reason,
+                    context={},
+                )
+                for pk in ids
+            ]
+        )
+    return ids
+
+
+def connection_supports_skip_locked(alias: str) -> bool:
+    from django.db import connections
+
+    features = connections[alias].features
+    return bool(features.has_select_for_update_skip_locked and features.has_select_for_update_of)
+
+
+def _refuse_state_updates(model: type[StatefulModel], updates: dict[str, Any] | None) -> None:
+    """Another state field written as a side column would move without a check or an event."""
+    sneaked = sorted(set(updates or {}) & set(model.TRANSITIONS))
+    if sneaked:
+        raise ValueError(
+            f"{model.__name__}: state field(s) {', '.join(sneaked)} may only move through "
+            "transition(), not as updates"
+        )
 
 
 def record_creation(

@@ -156,17 +156,33 @@ def test_a_failing_update_rolls_back_the_state_change_and_its_event():
     from django.db import IntegrityError
 
     transfer = f.DataTransferFactory(status=m.Status.IN_PROGRESS)
-    # unpack_status may not leave pending before the transfer completed (check constraint).
+    # retry_count is a positive integer column (a database check constraint).
     with pytest.raises(IntegrityError):
-        transition(
-            transfer,
-            m.Status.PENDING,
-            actor="tester",
-            updates={"unpack_status": m.Status.SCHEDULED},
-        )
+        transition(transfer, m.Status.PENDING, actor="tester", updates={"retry_count": -1})
     transfer.refresh_from_db()
-    assert transfer.status == m.Status.IN_PROGRESS
+    assert (transfer.status, transfer.retry_count) == (m.Status.IN_PROGRESS, 0)
     assert not m.StateEvent.objects.for_object(transfer).exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("factory", "updates"),
+    [
+        ("DataTransferFactory", {"unpack_status": "scheduled"}),
+        ("DataTransferFactory", {"status": "failed"}),
+        ("RawDataPackageFactory", {"state": "archived"}),
+    ],
+)
+def test_transition_refuses_to_write_a_state_field_as_a_side_update(factory, updates):
+    # A state field moved as a side column would skip the table check and write no event.
+    row = getattr(f, factory)(status=m.Status.IN_PROGRESS)
+    before = {field: getattr(row, field) for field in updates}
+    with pytest.raises(ValueError, match="may only move through transition"):
+        transition(row, m.Status.PENDING, actor="tester", updates=updates)
+    row.refresh_from_db()
+    assert row.status == m.Status.IN_PROGRESS
+    assert {field: getattr(row, field) for field in updates} == before
+    assert not m.StateEvent.objects.for_object(row).exists()
 
 
 @pytest.mark.django_db
