@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import os
 import socket
+import unicodedata
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, models, transaction
 from django.utils import timezone
 
 from pipelines.exceptions import IngestError, UnsafePath
@@ -67,8 +69,23 @@ _IDENTITY_FIELDS = (
     "metadata",
 )
 
-_RELATIVE_PATH_MAX = RawDataFile._meta.get_field("relative_path").max_length or 1000
+# Column limits, checked before any write so that a value too long is an IngestError on every
+# database (PostgreSQL raises DataError, SQLite stores it silently). The path is also the source
+# copy's path.
+_RELATIVE_PATH_MAX = min(
+    RawDataFile._meta.get_field("relative_path").max_length or 1000,
+    PhysicalCopy._meta.get_field("relative_path").max_length or 1000,
+)
 _NAME_MAX = RawDataFile._meta.get_field("name").max_length or 255
+_FILE_TYPE_MAX = RawDataFile._meta.get_field("file_type").max_length or 50
+_SIZE_MAX = models.BigIntegerField.MAX_BIGINT
+
+# JSON (metadata, conditions) is stored as jsonb on PostgreSQL and as text on SQLite. Nesting
+# and integer size are bounded so that encoding it can neither recurse too deep nor hit
+# Python's int-to-text digit limit.
+_JSON_MAX_DEPTH = 64
+_JSON_INT_DIGITS = 1000
+_JSON_INT_LIMIT = 10**_JSON_INT_DIGITS
 
 
 # --- Executed obs units ---------------------------------------------------------------------------
@@ -91,6 +108,8 @@ def executed_obs_unit_start(
     """
     scan_id = _parse_uuid(id, "executed obs unit id") if id is not None else uuid.uuid4()
     _require_aware(start_time, "start_time")
+    scan_metadata = _json_object(metadata, "metadata")
+    scan_conditions = _json_object(conditions, "conditions")
     configurations = list(instrument_module_configurations)
 
     existing = ExecutedObsUnit.objects.filter(pk=scan_id).first()
@@ -104,8 +123,8 @@ def executed_obs_unit_start(
                 obs_unit=obs_unit,
                 start_time=start_time,
                 status=ObsStatus.RUNNING,
-                metadata=dict(metadata or {}),
-                conditions=dict(conditions or {}),
+                metadata=scan_metadata,
+                conditions=scan_conditions,
             )
             if configurations:
                 scan.instrument_module_configurations.set(configurations)
@@ -155,6 +174,7 @@ def executed_obs_unit_finish(
         allowed = ", ".join(FINISH_STATUSES)
         raise IngestError(f"finish status {status!r} is not one of: {allowed}")
     _require_aware(end_time, "end_time")
+    new_conditions = _json_object(conditions, "conditions")
     scan.refresh_from_db()
     if end_time < scan.start_time:
         raise IngestError(
@@ -163,7 +183,7 @@ def executed_obs_unit_finish(
         )
     if scan.status != ObsStatus.RUNNING:
         return _same_finish(scan, status=status, end_time=end_time)
-    merged = {**scan.conditions, **dict(conditions or {})}
+    merged = {**scan.conditions, **new_conditions}
     try:
         return transition(
             scan,
@@ -218,10 +238,15 @@ def raw_data_file_register(
     """Register one raw file and its copy at its SOURCE location; returns ``(file, created)``.
 
     Checks, each an ``IngestError`` with nothing written: the instrument is available; the
-    location is an active SOURCE; the relative path is safe; size is not negative; the
-    algorithm is known and the checksum is a hex digest of its length; the scan is running,
-    completed or aborted (``REGISTRABLE_SCAN_STATUSES``). With ``verify`` and a disk location
-    readable from here, the file must exist below the root with the stated size and checksum.
+    location is an active SOURCE; the relative path is safe (relative, no ``..``, resolves
+    below the root, no control character or line separator, no component starting with "-");
+    every text is a str that fits its column, is valid UTF-8 and (name, file type) holds no
+    control character; size is an int from 0 to 2**63-1; the algorithm is known and the
+    checksum is a hex digest of its length; ``metadata`` is a JSON object without NUL
+    characters, NaN or infinity; the scan is running, completed or aborted
+    (``REGISTRABLE_SCAN_STATUSES``), checked again under a row lock when the file is written.
+    With ``verify`` and a disk location readable from here, the file must exist below the root
+    with the stated size and checksum.
 
     Creates the RawDataFile and a ``present`` PhysicalCopy (``verified`` with the checksum and
     time when the bytes were checked) with its creation event, in one transaction. Repeating
@@ -306,28 +331,48 @@ def _prepare_file(
 ) -> _PreparedFile:
     """Validate one registration (and verify its bytes) without writing anything."""
     file_id = _parse_uuid(id, "raw data file id") if id is not None else uuid.uuid4()
+    if not isinstance(relative_path, str):
+        raise IngestError(f"relative_path must be a string, got {type(relative_path).__name__}")
     try:
         path = normalize_relative_path(relative_path)
     except UnsafePath as exc:
         raise IngestError(f"relative_path rejected: {exc}") from exc
     if len(path) > _RELATIVE_PATH_MAX:
         raise IngestError(f"relative_path is longer than {_RELATIVE_PATH_MAX} characters")
-    file_name = name if name is not None else path.rsplit("/", 1)[-1]
-    if not file_name or len(file_name) > _NAME_MAX:
-        raise IngestError(f"name must be 1 to {_NAME_MAX} characters")
+    problem = _path_problem(path)
+    if problem:
+        raise IngestError(f"relative_path rejected: {problem}")
+    if name is None:
+        file_name = path.rsplit("/", 1)[-1]
+        if len(file_name) > _NAME_MAX:
+            raise IngestError(f"name is longer than {_NAME_MAX} characters")
+    else:
+        file_name = _short_text(name, "name", _NAME_MAX)
+        if not file_name:
+            raise IngestError("name must not be empty")
     if isinstance(size, bool) or not isinstance(size, int):
         raise IngestError(f"size must be an integer number of bytes, got {size!r}")
     if size < 0:
         raise IngestError(f"size must not be negative, got {size}")
+    if size > _SIZE_MAX:
+        raise IngestError(f"size {size} is larger than {_SIZE_MAX}, the largest size stored")
+    if not isinstance(checksum_algorithm, str):
+        raise IngestError(
+            f"checksum_algorithm must be a string, got {type(checksum_algorithm).__name__}"
+        )
     if checksum_algorithm not in checksums.ALGORITHMS:
         known = ", ".join(sorted(checksums.ALGORITHMS))
         raise IngestError(f"unknown checksum algorithm {checksum_algorithm!r} (known: {known})")
-    digest = str(checksum).strip().lower()
+    if not isinstance(checksum, str):
+        raise IngestError(f"checksum must be a string, got {type(checksum).__name__}")
+    digest = checksum.strip().lower()
     if not checksums.is_valid_hex_digest(digest, checksum_algorithm):
         raise IngestError(
             f"checksum {checksum!r} is not a {checksums.hex_length(checksum_algorithm)}-character "
             f"hex digest, as {checksum_algorithm} requires"
         )
+    file_type = _short_text(file_type, "file_type", _FILE_TYPE_MAX)
+    file_metadata = _json_object(metadata, "metadata")
 
     values: dict[str, Any] = {
         "id": file_id,
@@ -340,7 +385,7 @@ def _prepare_file(
         "checksum": digest,
         "checksum_algorithm": checksum_algorithm,
         "file_type": file_type,
-        "metadata": dict(metadata or {}),
+        "metadata": file_metadata,
     }
 
     # An identical repeat succeeds even if the world changed since (instrument taken offline,
@@ -374,6 +419,12 @@ def _prepare_file(
             full_path = safe_join(root, path)
         except UnsafePath as exc:
             raise IngestError(f"relative_path rejected: {exc}") from exc
+        except (RuntimeError, OSError) as exc:
+            # A symlink loop below the root (pathlib raises RuntimeError for it before Python
+            # 3.13) or a directory this process may not search.
+            raise IngestError(
+                f"relative_path {path!r} cannot be resolved below the location root: {exc}"
+            ) from exc
         if verify:
             verified = _verify_on_disk(
                 full_path, size=size, checksum=digest, algorithm=checksum_algorithm
@@ -516,7 +567,10 @@ def _readable_root(location: DataLocation) -> Path | None:
     if location.host and location.host not in _local_hostnames():
         return None
     root = Path(location.root_path)
-    return root if root.is_dir() else None
+    try:
+        return root if root.is_dir() else None
+    except OSError:  # e.g. permission denied on a parent: not readable from here
+        return None
 
 
 def _local_hostnames() -> set[str]:
@@ -556,6 +610,117 @@ def _verify_on_disk(full_path: Path, *, size: int, checksum: str, algorithm: str
 
 
 # --- Small parsers --------------------------------------------------------------------------------
+def _path_problem(path: str) -> str:
+    """Why a normalized relative path cannot be stored and listed, or "" if it can.
+
+    Paths are written one a line into the ``--files-from`` lists of tar and rsync and passed as
+    their arguments, so a line break or other control character would split one path into
+    two, and a component starting with "-" would be read as an option.
+    """
+    if not _is_utf8(path):
+        return f"{path!r} is not valid UTF-8 (it holds a lone surrogate)"
+    bad = _first_control_character(path)
+    if bad:
+        return f"{path!r} contains a {_describe_character(bad)}; paths are listed one a line"
+    for part in path.split("/"):
+        if part.startswith("-"):
+            return (
+                f"{path!r}: component {part!r} starts with '-', which tar and rsync would "
+                "read as an option"
+            )
+    return ""
+
+
+def _short_text(value: object, what: str, max_length: int) -> str:
+    """``value`` when it is a string of at most ``max_length`` characters that the database can
+    store (UTF-8) and that holds no control character; else ``IngestError``."""
+    if not isinstance(value, str):
+        raise IngestError(f"{what} must be a string, got {type(value).__name__}")
+    if len(value) > max_length:
+        raise IngestError(f"{what} is longer than {max_length} characters")
+    if not _is_utf8(value):
+        raise IngestError(f"{what} {value!r} is not valid UTF-8 (it holds a lone surrogate)")
+    bad = _first_control_character(value)
+    if bad:
+        raise IngestError(f"{what} {value!r} contains a {_describe_character(bad)}")
+    return str(value)
+
+
+def _is_utf8(text: str) -> bool:
+    # A lone surrogate ("\ud800") is a valid Python str but not UTF-8: drivers raise
+    # UnicodeEncodeError and jsonb rejects its \u escape.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _first_control_character(text: str) -> str:
+    """The first C0/C1 control character or line/paragraph separator in ``text``, or ""."""
+    for char in text:
+        if unicodedata.category(char) in ("Cc", "Zl", "Zp"):
+            return char
+    return ""
+
+
+def _describe_character(char: str) -> str:
+    kind = "control character" if unicodedata.category(char) == "Cc" else unicodedata.name(char)
+    return f"{kind.lower()} (U+{ord(char):04X})"
+
+
+def _json_object(value: object, field: str) -> dict[str, Any]:
+    """A JSON object field (``metadata``, ``conditions``) as it will be stored: a plain dict of
+    str, finite float, int, bool, None, lists and dicts (tuples become lists). ``None`` is
+    ``{}``. Raises ``IngestError`` naming the offending place for anything else, and for what
+    PostgreSQL's jsonb refuses: NUL characters and lone surrogates, in keys or values."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise IngestError(f"{field} must be a JSON object, got {type(value).__name__}")
+    cleaned: dict[str, Any] = _json_value(value, field, field, 0)
+    return cleaned
+
+
+def _json_value(value: object, where: str, field: str, depth: int) -> Any:
+    if depth > _JSON_MAX_DEPTH:
+        raise IngestError(f"{field} is nested deeper than {_JSON_MAX_DEPTH} levels")
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if abs(value) >= _JSON_INT_LIMIT:
+            raise IngestError(f"{where} is an integer of more than {_JSON_INT_DIGITS} digits")
+        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise IngestError(f"{where} is {value!r}; JSON has no NaN or infinity")
+        return float(value)
+    if isinstance(value, str):
+        _check_json_string(value, where)
+        return str(value)
+    if isinstance(value, Mapping):
+        result: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise IngestError(f"{where} key {key!r} is not a string")
+            _check_json_string(key, f"{where} key {key!r}")
+            result[str(key)] = _json_value(item, f"{where}[{key!r}]", field, depth + 1)
+        return result
+    if isinstance(value, list | tuple):
+        return [
+            _json_value(item, f"{where}[{index}]", field, depth + 1)
+            for index, item in enumerate(value)
+        ]
+    raise IngestError(f"{where} is a {type(value).__name__}, which JSON cannot hold")
+
+
+def _check_json_string(text: str, where: str) -> None:
+    if "\x00" in text:
+        raise IngestError(f"{where} contains a NUL character, which the database cannot store")
+    if not _is_utf8(text):
+        raise IngestError(f"{where} is not valid UTF-8 (it holds a lone surrogate)")
+
+
 def _parse_uuid(value: uuid.UUID | str, what: str) -> uuid.UUID:
     if isinstance(value, uuid.UUID):
         return value
