@@ -2,13 +2,15 @@
 
 Every change goes through ``reduction_config_update``: one validation (the instrument's form),
 one transaction (properties, audit rows, the new ParameterSet, stale products), one rendering
-(the sandboxed environment of ``reduction.rendering``) and one atomic file replacement. Any
-failure leaves the database and the script file as they were.
+(the sandboxed environment of ``reduction.rendering``) and one atomic file replacement, made
+while the instrument's lock row is held (or, inside a caller's transaction, when that commits).
+Any failure up to the commit leaves the database and the script file as they were.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import tempfile
 from collections.abc import Mapping
@@ -18,7 +20,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from reduction.errors import InvalidParameters, ReductionConfigError, ScriptWriteError
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
 
     from pipelines.models import ExecutedReductionStep
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ConfigWriteResult:
@@ -50,6 +54,9 @@ class ConfigWriteResult:
     checksum: str
     changed_keys: list[str]
     created: bool = True
+    # True when the save ran inside a caller's transaction: the script is installed at ``path``
+    # when that transaction commits (and never if it rolls back), not before this returned.
+    pending: bool = False
 
 
 # --- Reading -------------------------------------------------------------------------------------
@@ -167,9 +174,9 @@ class _Installed:
             _atomic_write(self.path, self.previous)
 
 
-def _atomic_write(path: Path, content: bytes) -> None:
-    """Write ``content`` to ``path`` so that readers see the old file or the new one, never a
-    partial one: a temporary file in the same directory, fsync, rename over."""
+def _write_temporary(path: Path, content: bytes) -> str:
+    """Write ``content`` to a new temporary file next to ``path`` (fsync'd, mode 0644) and return
+    its name; on failure remove it and raise ScriptWriteError."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -181,6 +188,18 @@ def _atomic_write(path: Path, content: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp_name, 0o644)
+    except OSError as exc:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise ScriptWriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return tmp_name
+
+
+def _atomic_write(path: Path, content: bytes) -> None:
+    """Write ``content`` to ``path`` so that readers see the old file or the new one, never a
+    partial one: a temporary file in the same directory, fsync, rename over."""
+    tmp_name = _write_temporary(path, content)
+    try:
         os.replace(tmp_name, path)
     except OSError as exc:
         with suppress(FileNotFoundError):
@@ -188,19 +207,114 @@ def _atomic_write(path: Path, content: bytes) -> None:
         raise ScriptWriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
-def _install(path: Path, script: str) -> _Installed | None:
-    """Replace ``path`` with ``script`` unless it already holds exactly that."""
+def _read_previous(path: Path) -> bytes | None:
     try:
-        previous: bytes | None = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
-        previous = None
+        return None
     except OSError as exc:
         raise ScriptWriteError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _install(path: Path, script: str) -> _Installed | None:
+    """Replace ``path`` with ``script`` unless it already holds exactly that."""
+    previous = _read_previous(path)
     content = script.encode("utf-8")
     if previous == content:
         return None
     _atomic_write(path, content)
     return _Installed(path, previous, checksum(script))
+
+
+def _check_installable(path: Path, script: str) -> None:
+    """Everything installing ``script`` does except the final rename: read the current file and
+    write the new one in full to a temporary file beside it, which is then removed. Raises
+    ScriptWriteError for what would stop the install (no directory, no permission, a full disk).
+
+    The temporary file is not kept for a rename at commit: if the caller's transaction rolled
+    back, nothing would remove it (Django has no rollback hook)."""
+    if _read_previous(path) == script.encode("utf-8"):
+        return
+    tmp_name = _write_temporary(path, script.encode("utf-8"))
+    with suppress(FileNotFoundError):
+        os.unlink(tmp_name)
+
+
+def _lock(instrument_key: str) -> None:
+    """Hold the instrument's lock row until the current transaction ends."""
+    list(ReductionConfigLock.objects.select_for_update().filter(instrument=instrument_key))
+
+
+def _undo_under_lock(instrument_key: str, installed: _Installed) -> None:
+    """Put the previous script back after the commit of the save that replaced it failed.
+
+    That failure ended the transaction and so released the instrument's lock; a concurrent save
+    may have taken it since. The undo takes the lock again, so such a save has either committed
+    and installed its script already (the file is no longer ours and undo leaves it alone) or
+    waits until the undo is done and then installs its own. Only when the lock cannot be had at
+    all (the database is gone) does the undo run without it, still only if the file is ours.
+    """
+    undone = False
+    try:
+        with transaction.atomic():
+            _lock(instrument_key)
+            installed.undo()
+            undone = True
+    except DatabaseError:
+        # A failure to commit this read-only transaction after the undo is harmless.
+        if not undone:
+            logger.warning(
+                "%s: cannot lock the instrument to put back %s after a failed commit; "
+                "putting it back without the lock",
+                instrument_key,
+                installed.path,
+            )
+            installed.undo()
+
+
+def _install_latest_on_commit(instrument_key: str) -> None:
+    """After a caller's transaction holding a save committed: make the script file the latest
+    version's, under the instrument's lock.
+
+    Taking the lock and installing the *latest* version (not the one this hook was registered
+    for) keeps the file right whatever order the hooks of several saves run in: every commit is
+    followed by its hook, and the last hook to run, serialised with every save by the lock,
+    installs the last committed version. A failure is logged, not raised, because the caller's
+    transaction has already committed; the next save of the instrument installs the script.
+    """
+    try:
+        with transaction.atomic():
+            _lock(instrument_key)
+            latest = ParameterSet.objects.latest_for(instrument_key)
+            if latest is not None:
+                _install(get_instrument(instrument_key).script_path(), latest.script_text)
+    except Exception:
+        logger.exception(
+            "%s: the saved reduction parameters were committed but the script was not installed",
+            instrument_key,
+        )
+
+
+def _in_callers_transaction() -> bool:
+    """Whether a transaction of the caller is open, so that leaving our atomic block only
+    releases a savepoint. A test case's wrapping transaction does not count, the same rule
+    ``transaction.atomic(durable=True)`` applies."""
+    connection = transaction.get_connection()
+    if not connection.in_atomic_block:
+        return False
+    return not getattr(connection.atomic_blocks[-1], "_from_testcase", False)
+
+
+def _place_script(
+    instrument_key: str, path: Path, script: str, *, deferred: bool
+) -> _Installed | None:
+    """Install now (returning what to undo if the commit fails) or, when ``deferred``, check that
+    it could be installed and install it when the outermost transaction commits."""
+    if not deferred:
+        return _install(path, script)
+    _check_installable(path, script)
+    transaction.on_commit(lambda: _install_latest_on_commit(instrument_key))
+    return None
 
 
 # --- Saving --------------------------------------------------------------------------------------
@@ -220,14 +334,33 @@ def reduction_config_update(
     changed (one PropertyModification each, with old and new value, user and the new version),
     create the next ParameterSet with the rendered script and its sha256, mark products made with
     older versions stale, and atomically replace ``reduce_<KEY>.py`` in the instrument's output
-    directory. If the database commit fails after the file was replaced, the previous file is put
-    back. Raises UnknownInstrument, InvalidParameters (bad values, or a comment that is too long
-    or holds text no database stores), ScriptRenderError or ScriptWriteError with nothing changed.
+    directory. Values are compared as stored (``stored_values_equal``): a save equal to the latest
+    version creates nothing and only re-installs its script if the file differs. Raises
+    UnknownInstrument, InvalidParameters (bad values, or a comment that is too long or holds text
+    no database stores), ScriptRenderError or ScriptWriteError with nothing changed.
+
+    When the script file is replaced depends on who owns the transaction:
+
+    * Called outside any transaction (the pages, the command): the file is replaced inside ours,
+      as its last step, so that the returned path and checksum mean "installed" and a file that
+      cannot be written means "nothing saved"; the page reports one or the other, truthfully. If
+      the commit then fails, the previous file is put back under the instrument's lock.
+    * Called inside a caller's transaction (the workflow engine): our commit is only a savepoint
+      release and the caller may still roll back, so replacing the file now could leave a script
+      on disk whose version never existed. Instead the new script is written in full to a
+      temporary file beside the target (and removed), so a file that cannot be written still
+      raises here with nothing saved, and the file is installed when the caller commits (by a
+      ``transaction.on_commit`` hook, under the lock; never if it rolls back). The result then
+      has ``pending=True``. A failure of that late install is logged, not raised.
+
+    Requiring a durable transaction instead was rejected: the workflow engine saves first
+    versions from inside its own transactions.
     """
     instrument = get_instrument(instrument_key)
     cleaned = validate_values(instrument, values)
     comment = validate_comment(instrument_key, comment)
     path = instrument.script_path()
+    deferred = _in_callers_transaction()
     # The lock row must exist before the transaction that locks it; get_or_create copes with two
     # processes creating it at once.
     ReductionConfigLock.objects.get_or_create(instrument=instrument_key)
@@ -246,8 +379,10 @@ def reduction_config_update(
             if not changed and latest is not None and stored_values_equal(latest.values, cleaned):
                 script = _render(instrument, cleaned, latest.number)
                 if checksum(script) == latest.script_checksum:
-                    installed = _install(path, script)
-                    return ConfigWriteResult(latest, path, latest.script_checksum, [], False)
+                    installed = _place_script(instrument_key, path, script, deferred=deferred)
+                    return ConfigWriteResult(
+                        latest, path, latest.script_checksum, [], False, pending=deferred
+                    )
 
             number = latest.number + 1 if latest else 1
             script = _render(instrument, cleaned, number)
@@ -282,12 +417,13 @@ def reduction_config_update(
                 )
             mark_stale_products(instrument_key, parameter_set)
             # Last, so that every database error above happens before the file changes.
-            installed = _install(path, script)
+            installed = _place_script(instrument_key, path, script, deferred=deferred)
     except BaseException:
+        # Only a failed commit gets here with a file installed (it is the last step above).
         if installed is not None:
-            installed.undo()
+            _undo_under_lock(instrument_key, installed)
         raise
-    return ConfigWriteResult(parameter_set, path, digest, changed, True)
+    return ConfigWriteResult(parameter_set, path, digest, changed, True, pending=deferred)
 
 
 def reduction_config_reset(
