@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -528,7 +529,11 @@ def _same_file(existing: RawDataFile, values: dict[str, Any]) -> RawDataFile:
     differences = [
         f"{field} {getattr(existing, field)!r} != {values[field]!r}"
         for field in _IDENTITY_FIELDS
-        if getattr(existing, field) != values[field]
+        if not (
+            _same_json(getattr(existing, field), values[field])
+            if field == "metadata"
+            else getattr(existing, field) == values[field]
+        )
     ]
     if differences:
         raise IngestError(
@@ -536,6 +541,34 @@ def _same_file(existing: RawDataFile, values: dict[str, Any]) -> RawDataFile:
             + "; ".join(differences)
         )
     return existing
+
+
+def _same_json(stored: Any, given: Any) -> bool:
+    """True when ``given`` (cleaned by ``_json_object``) is what the database gave back as
+    ``stored``.
+
+    PostgreSQL's jsonb keeps numbers as exact decimals and prints them without an exponent, so
+    6.02214076e23 is read back as the int 602214076000000000000000: numbers are compared by
+    their exact decimal value (``Decimal(repr(float))``, the text that was sent). A bool is not
+    a number here, as in JSON, and ``True`` does not equal ``1``.
+    """
+    if isinstance(stored, bool) or isinstance(given, bool):
+        return type(stored) is type(given) and stored == given
+    if isinstance(stored, int | float) and isinstance(given, int | float):
+        return _exact_number(stored) == _exact_number(given)
+    if isinstance(stored, dict) and isinstance(given, dict):
+        return stored.keys() == given.keys() and all(
+            _same_json(stored[key], given[key]) for key in stored
+        )
+    if isinstance(stored, list) and isinstance(given, list):
+        return len(stored) == len(given) and all(map(_same_json, stored, given))
+    if isinstance(stored, dict | list) or isinstance(given, dict | list):
+        return False
+    return bool(stored == given)
+
+
+def _exact_number(number: int | float) -> Decimal:
+    return Decimal(repr(number)) if isinstance(number, float) else Decimal(number)
 
 
 def _check_path_free(values: dict[str, Any]) -> None:
