@@ -16,7 +16,7 @@ from typing import Any
 from celery import Task, shared_task
 
 from pipelines.exceptions import is_retryable
-from pipelines.models import Operation
+from pipelines.models import Operation, RawDataPackage
 from pipelines.services.operations import operation_fail
 
 log = logging.getLogger(__name__)
@@ -172,3 +172,36 @@ def recover_expired_leases() -> dict[str, int]:
     from pipelines.services.recovery import recover_expired_leases as recover
 
     return recover()
+
+
+# --- packaging -----------------------------------------------------------------------------------
+@shared_task(name="pipelines.tasks.run_packaging_manager")
+def run_packaging_manager() -> dict[str, int]:
+    """Periodic: plan packages for the files of finished scans, claim due ones, dispatch builds."""
+    from pipelines.services.packaging import packaging_manager_tick
+
+    return packaging_manager_tick(owner=worker_identity())
+
+
+@shared_task(
+    base=OperationTask,
+    bind=True,
+    name="pipelines.tasks.build_raw_data_package",
+    operation_model=RawDataPackage,
+)
+def build_raw_data_package(
+    self: OperationTask, raw_data_package_id: int, claim_token: str = ""
+) -> dict[str, Any]:
+    """Worker: tar one claimed package into its site's buffer (``raw_data_package_build``). A
+    redelivered task whose claim no longer holds the row does nothing."""
+    from pipelines.services.operations import ClaimLost
+    from pipelines.services.packaging import raw_data_package_build
+
+    try:
+        package = raw_data_package_build(
+            raw_data_package_id, token=claim_token, owner=worker_identity()
+        )
+    except ClaimLost as exc:
+        log.info("%s: %s", self.name, exc)
+        return {"id": raw_data_package_id, "done": False, "reason": str(exc)}
+    return {"id": package.pk, "done": True, "checksum": package.checksum, "size": package.size}

@@ -15,6 +15,7 @@ and then its ``unpack_status``. Each function takes the phase's state field as `
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import secrets
 from dataclasses import dataclass
@@ -99,6 +100,27 @@ def operation_claim_batch(
         limit=limit,
     )
     return Claim(token=token, ids=ids)
+
+
+def operation_dispatch(task: Any, token: str, queues: dict[int, str]) -> None:
+    """Enqueue ``task(pk, claim_token=token)`` on ``queues[pk]`` for each claimed row, once the
+    current transaction commits (at once outside one), so a worker never looks for a claim that
+    is not visible yet. A row whose enqueue fails stays scheduled and is handed back at no cost
+    when its lease expires."""
+    for pk, queue in queues.items():
+        transaction.on_commit(functools.partial(_enqueue, task, pk, token, queue))
+
+
+def _enqueue(task: Any, pk: int, token: str, queue: str) -> None:
+    try:
+        task.apply_async(args=[pk], kwargs={"claim_token": token}, queue=queue)
+    except Exception:
+        log.exception(
+            "could not enqueue %s for row %s on %s; lease recovery will retry it",
+            task.name,
+            pk,
+            queue,
+        )
 
 
 def _held(token: str, field: str, *states: str) -> dict[str, Any]:
@@ -362,3 +384,90 @@ def _fail_package_state(package: RawDataPackage, *, actor: str, reason: str) -> 
     # ARCHIVED packages stay archived (another copy made it), FAILED ones stay failed.
     with contextlib.suppress(ForbiddenTransition, TransitionConflict):
         transition(package, PackageState.FAILED, field="state", actor=actor, reason=reason)
+
+
+class LeaseKeeper:
+    """Keeps a claim's lease alive while its worker does long I/O.
+
+    Used as a context manager around the work: a background thread renews the lease every third
+    of the lease period (``operation_renew_lease``). Once a renewal finds the claim gone (the row
+    was recovered and claimed again, or an operator reset it) or the renewal keeps failing until
+    the lease would have run out, ``lost`` is set, and ``check()``, which the work calls between
+    chunks, raises ``ClaimLost`` so the worker stops instead of racing the new claim.
+    """
+
+    def __init__(
+        self,
+        model: type[Operation],
+        pk: int,
+        *,
+        token: str,
+        field: str = "status",
+        lease_seconds: int | None = None,
+    ) -> None:
+        import threading
+
+        self.model = model
+        self.pk = pk
+        self.token = token
+        self.field = field
+        self.lease_seconds = lease_seconds or settings.WORKFLOW_LEASE_SECONDS
+        self.interval = max(self.lease_seconds / 3, 0.2)
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"lease-{model._meta.db_table}-{pk}", daemon=True
+        )
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 5)
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise ClaimLost(
+                f"{self.model._meta.db_table} {self.pk}: lease lost during the work "
+                f"(claim {self.token[:8]}); stopping"
+            )
+
+    def _run(self) -> None:
+        import time
+
+        from django.db import connection
+
+        # A renewal may fail for a while (database restarting); the lease is lost only once it
+        # would have expired without a successful renewal.
+        deadline = time.monotonic() + self.lease_seconds
+        try:
+            while not self._stop.wait(self.interval):
+                try:
+                    held = operation_renew_lease(
+                        self.model,
+                        self.pk,
+                        token=self.token,
+                        field=self.field,
+                        lease_seconds=self.lease_seconds,
+                    )
+                except Exception:
+                    log.warning("lease renewal of %s %s failed", self.model, self.pk, exc_info=True)
+                    connection.close()
+                    if time.monotonic() >= deadline:
+                        self.lost.set()
+                        return
+                    continue
+                if not held:
+                    log.warning(
+                        "%s %s is no longer held by claim %s; stopping its work",
+                        self.model._meta.db_table,
+                        self.pk,
+                        self.token[:8],
+                    )
+                    self.lost.set()
+                    return
+                deadline = time.monotonic() + self.lease_seconds
+        finally:
+            connection.close()
