@@ -21,7 +21,7 @@ import unicodedata
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -768,3 +768,9 @@ def _require_aware(value: datetime, what: str) -> None:
         raise IngestError(f"{what} must be a datetime, got {type(value).__name__}")
     if timezone.is_naive(value):
         raise IngestError(f"{what} {value.isoformat()} has no time zone; send UTC or an offset")
+    try:
+        # Stored in UTC: near year 1 or 9999 an offset can carry it out of range (SQLite's
+        # adapter raises OverflowError, PostgreSQL would store it).
+        value.astimezone(UTC)
+    except OverflowError:
+        raise IngestError(f"{what} {value.isoformat()} is out of range in UTC") from None

@@ -9,7 +9,7 @@ rsync ``--files-from`` lists built from them later.
 from __future__ import annotations
 
 import os
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -270,3 +270,31 @@ def test_it_refuses_a_scan_finish_with_conditions_the_database_cannot_store(
     assert _counts() == before
     scan.refresh_from_db()
     assert (scan.status, scan.end_time, scan.conditions) == (ObsStatus.RUNNING, None, {})
+
+
+EDGE_OF_TIME = [
+    datetime.min.replace(tzinfo=timezone(timedelta(hours=5))),
+    datetime.max.replace(tzinfo=timezone(timedelta(hours=-5))),
+]
+
+
+@pytest.mark.parametrize("when", EDGE_OF_TIME, ids=["year-1-east", "year-9999-west"])
+def test_it_refuses_a_scan_start_that_is_out_of_range_in_utc(when: datetime) -> None:
+    obs_unit = f.ObsUnitFactory()
+    before = _counts()
+
+    with pytest.raises(IngestError, match=r"^start_time .* is out of range in UTC"):
+        executed_obs_unit_start(obs_unit=obs_unit, start_time=when, actor="api")
+
+    assert _counts() == before
+
+
+def test_it_refuses_a_scan_finish_that_is_out_of_range_in_utc(scan: ExecutedObsUnit) -> None:
+    before = _counts()
+
+    with pytest.raises(IngestError, match=r"^end_time .* is out of range in UTC"):
+        executed_obs_unit_finish(scan, end_time=EDGE_OF_TIME[1], actor="api")
+
+    assert _counts() == before
+    scan.refresh_from_db()
+    assert (scan.status, scan.end_time) == (ObsStatus.RUNNING, None)
