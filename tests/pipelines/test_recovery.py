@@ -248,3 +248,56 @@ def test_a_pending_unpack_of_a_transfer_still_copying_is_not_touched() -> None:
     transfer = f.DataTransferFactory(status=Status.PENDING)
     recover_expired_leases()
     assert DataTransfer.objects.get(pk=transfer.pk).unpack_status == Status.PENDING
+
+
+# --- manage.py recover ---------------------------------------------------------------------------
+def test_recover_dry_run_lists_abandoned_claims_and_changes_nothing() -> None:
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    started = claimed_archive_row(lease_owner="dead-host:1", lease_expires_at=_expired())
+    waiting = f.StagingJobFactory(
+        status=Status.SCHEDULED, claim_token="t", lease_expires_at=_expired()
+    )
+    out = StringIO()
+
+    call_command("recover", "--dry-run", stdout=out)
+
+    text = out.getvalue()
+    assert f"long_term_archive_transfer {started.pk} (in_progress, uses a retry)" in text
+    assert f"staging_job {waiting.pk} (scheduled, no retry)" in text
+    assert "dry run: 2 abandoned claim(s) would be recovered" in text
+    started.refresh_from_db()
+    waiting.refresh_from_db()
+    assert (started.status, waiting.status) == (Status.IN_PROGRESS, Status.SCHEDULED)
+    assert events(started) == [] and events(waiting) == []
+
+
+def test_recover_moves_them_and_says_how_many() -> None:
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    row = claimed_archive_row(lease_expires_at=_expired())
+    out = StringIO()
+    call_command("recover", stdout=out)
+    assert "recovered 1 claim(s) (long_term_archive_transfer: 1)" in out.getvalue()
+    row.refresh_from_db()
+    assert row.status == Status.PENDING
+    [event] = events(row)
+    assert event.actor == "manage.py recover"
+    out = StringIO()
+    call_command("recover", stdout=out)
+    assert "recovered 0 claim(s) (nothing to recover)" in out.getvalue()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many", "100001"])
+def test_recover_refuses_a_bad_batch_size(value: str) -> None:
+    from django.core.management import CommandError, call_command
+
+    row = claimed_archive_row(lease_expires_at=_expired())
+    with pytest.raises(CommandError, match="--batch-size"):
+        call_command("recover", "--batch-size", value)
+    row.refresh_from_db()
+    assert row.status == Status.IN_PROGRESS
