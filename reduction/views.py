@@ -20,7 +20,7 @@ from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from pipelines.services.access import can_change_instrument, instrument_group_name
+from access import can_change_instrument, instrument_group_name
 from reduction.errors import InvalidParameters, ReductionConfigError
 from reduction.forms import ReductionForm, errors_as_dict
 from reduction.instruments import UnknownInstrument, all_instruments, get_instrument

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipelines.services.access import VIEWERS, ensure_groups
+from access import VIEWERS, ensure_groups
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db

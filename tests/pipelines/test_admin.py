@@ -19,9 +19,9 @@ from django.urls import reverse
 from django.utils import timezone
 from factory.django import DjangoModelFactory
 
+from access import OPERATORS, VIEWERS, ensure_groups
 from pipelines import models as m
 from pipelines.admin.base import SYSTEM_FIELDS, TIMELINE_LIMIT, state_fields
-from pipelines.services.access import OPERATORS, VIEWERS, ensure_groups
 from pipelines.services.states import transition
 from tests import factories
 

@@ -13,6 +13,8 @@ from django.contrib.auth.models import Group
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
+import access
+from pipelines.demo import DEFAULT_PASSWORD
 from pipelines.models import (
     DataLocation,
     DataTransferRoute,
@@ -26,8 +28,6 @@ from pipelines.models import (
     StateEvent,
     Telescope,
 )
-from pipelines.services import access
-from pipelines.services.demo import DEFAULT_PASSWORD
 from pipelines.storage.checksums import checksum_file
 
 pytestmark = pytest.mark.django_db

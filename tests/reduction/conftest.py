@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from django.db import connections
 
-from pipelines.services.access import OPERATORS, SCIENTISTS, VIEWERS, instrument_group_name
+from access import OPERATORS, SCIENTISTS, VIEWERS, instrument_group_name
 from tests.conftest import require_service
 from tests.factories import GroupFactory, UserFactory
 

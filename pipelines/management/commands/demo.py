@@ -11,7 +11,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from pipelines.services.demo import (
+from pipelines.demo import (
     ADMIN_USERNAME,
     DEFAULT_PASSWORD,
     DemoFacility,

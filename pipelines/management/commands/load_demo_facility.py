@@ -7,7 +7,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from pipelines.services.demo import DEFAULT_PASSWORD, demo_facility_load
+from pipelines.demo import DEFAULT_PASSWORD, demo_facility_load
 
 
 class Command(BaseCommand):

@@ -6,8 +6,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from pipelines.demo import DemoNotLoaded, demo_observations_simulate
 from pipelines.models import ExecutedObsUnit
-from pipelines.services.demo import DemoNotLoaded, demo_observations_simulate
 
 
 def _non_negative(value: str) -> int:

@@ -1,5 +1,10 @@
 """Who may do what: three roles as Django groups, plus per-instrument scientist groups.
 
+A top-level package, not part of either app, because both use it: the reduction pages check who
+may change an instrument, and the pipelines demo loader gives its users their roles.
+``reduction`` must import nothing from ``pipelines``, so this cannot live in ``pipelines``;
+``workflow_site`` is wiring only. It imports neither app: the apps it covers are named by label.
+
 - ``viewers``: read everything.
 - ``scientists``: read everything; change the reduction configuration of the instruments whose
   ``scientists_<key>`` group they are in.
