@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from django.core.exceptions import ValidationError
 from django.db import models
@@ -47,6 +47,32 @@ class Site(TimeStamped):
 
     def __str__(self) -> str:
         return self.short_name
+
+    # Queue names are {site}_{location}_{operation} and every part may contain "_", so a new
+    # short name can spell another site's queues (pipelines.queues explains the rule). Checked
+    # in save() too, because the demo loader, factories and services save without full_clean().
+    def clean(self) -> None:
+        super().clean()
+        _refuse_queue_clashes(self, "short_name")
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        update_fields = kwargs.get("update_fields")
+        if update_fields is None or "short_name" in update_fields:
+            _refuse_queue_clashes(self, "short_name")
+        super().save(*args, **kwargs)
+
+
+def _refuse_queue_clashes(instance: Site | DataLocation, field: str) -> None:
+    """Raise ValidationError on ``field`` if ``instance`` would own a queue name that another
+    location already owns. Imported late: pipelines.queues imports these models."""
+    from pipelines.queues import describe_clashes, location_queue_clashes, site_queue_clashes
+
+    if isinstance(instance, Site):
+        clashes = site_queue_clashes(instance)
+    else:
+        clashes = location_queue_clashes(instance)
+    if clashes:
+        raise ValidationError({field: describe_clashes(clashes)})
 
 
 class LocationType(models.TextChoices):
@@ -138,6 +164,19 @@ class DataLocation(TimeStamped):
 
     def __str__(self) -> str:
         return f"{self.site.short_name}:{self.name}"
+
+    # The fields its queue names are made of; a save that changes none of them is not checked.
+    _QUEUE_NAME_FIELDS = frozenset({"site", "site_id", "name", "location_type"})
+
+    def clean(self) -> None:
+        super().clean()
+        _refuse_queue_clashes(self, "name")
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        update_fields = kwargs.get("update_fields")
+        if update_fields is None or self._QUEUE_NAME_FIELDS & set(update_fields):
+            _refuse_queue_clashes(self, "name")
+        super().save(*args, **kwargs)
 
 
 class PhysicalCopyStatus(models.TextChoices):
