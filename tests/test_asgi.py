@@ -31,7 +31,9 @@ class _Echo(WebsocketConsumer):
 
 
 @pytest.fixture
-def echo_route() -> Iterator[str]:
+def echo_route(transactional_db: None) -> Iterator[str]:
+    # The sync consumer runs channels' database_sync_to_async, which closes unusable
+    # connections (with CONN_HEALTH_CHECKS it pings them), so it needs real database access.
     route = path("ws/test-echo/", _Echo.as_asgi())
     websocket_urlpatterns.append(route)
     try:
