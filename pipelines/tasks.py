@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Task, shared_task
+from celery.signals import worker_ready, worker_shutdown
 
 from pipelines.exceptions import is_retryable
 from pipelines.models import Operation, RawDataPackage
@@ -178,9 +179,9 @@ def recover_expired_leases() -> dict[str, int]:
 @shared_task(name="pipelines.tasks.run_packaging_manager")
 def run_packaging_manager() -> dict[str, int]:
     """Periodic: plan packages for the files of finished scans, claim due ones, dispatch builds."""
-    from pipelines.services.packaging import packaging_manager_tick
+    from pipelines.managers import manager_tick
 
-    return packaging_manager_tick(owner=worker_identity())
+    return manager_tick("packaging", owner=worker_identity())
 
 
 @shared_task(
@@ -205,3 +206,31 @@ def build_raw_data_package(
         log.info("%s: %s", self.name, exc)
         return {"id": raw_data_package_id, "done": False, "reason": str(exc)}
     return {"id": package.pk, "done": True, "checksum": package.checksum, "size": package.size}
+
+
+# --- worker heartbeats ---------------------------------------------------------------------------
+_worker_heartbeat: Any = None
+
+
+@worker_ready.connect
+def _start_worker_heartbeat(sender: Any = None, **kwargs: Any) -> None:
+    """Every worker process keeps ``health:worker:<hostname>`` alive while it runs."""
+    from django.conf import settings
+
+    from pipelines.health import HeartbeatThread
+
+    global _worker_heartbeat
+    if _worker_heartbeat is not None:
+        return
+    hostname = getattr(sender, "hostname", None) or socket.gethostname()
+    ttl = settings.WORKFLOW_HEARTBEAT_TTL
+    _worker_heartbeat = HeartbeatThread("worker", hostname, interval=ttl / 3, ttl=ttl)
+    _worker_heartbeat.__enter__()
+
+
+@worker_shutdown.connect
+def _stop_worker_heartbeat(**kwargs: Any) -> None:
+    global _worker_heartbeat
+    if _worker_heartbeat is not None:
+        _worker_heartbeat.__exit__(None, None, None)
+        _worker_heartbeat = None

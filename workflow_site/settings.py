@@ -170,15 +170,41 @@ CELERY_TASK_TRACK_STARTED = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "workflow.default"
 CELERY_TIMEZONE = TIME_ZONE
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# django-celery-beat's database scheduler, creating missing entries only: an operator's
+# retiming or pausing in the admin survives a beat restart (pipelines/beat.py).
+CELERY_BEAT_SCHEDULER = "pipelines.beat:Scheduler"
+# A claimed task may legitimately wait in the queue and then run for a long time (a 50 GB tar);
+# Redis redelivers an unacknowledged task after this many seconds, which must stay above the
+# longest task or a second worker would start it while the first still works (the claim token
+# makes that second run a no-op, but it wastes a worker). Twelve hours.
+CELERY_BROKER_VISIBILITY_TIMEOUT = env_int(
+    "CELERY_BROKER_VISIBILITY_TIMEOUT", 12 * 3600, minimum=60
+)
+if not CELERY_BROKER_URL.startswith("filesystem://"):
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": CELERY_BROKER_VISIBILITY_TIMEOUT}
+
+# How long a worker may hold a claimed row without renewing it before the reconciler hands it
+# back; workers renew every third of it during long I/O.
+WORKFLOW_LEASE_SECONDS = env_int("WORKFLOW_LEASE_SECONDS", 900, minimum=2)
+# Seconds between ticks of each manager, and of the lease reconciler.
+WORKFLOW_MANAGER_INTERVAL = env_int("WORKFLOW_MANAGER_INTERVAL", 60, minimum=1)
+WORKFLOW_RECOVERY_INTERVAL = env_int("WORKFLOW_RECOVERY_INTERVAL", 300, minimum=1)
+# Heartbeat keys live this long; services refresh them every third of it (ops-db: 90 s / 30 s).
+WORKFLOW_HEARTBEAT_TTL = env_int("WORKFLOW_HEARTBEAT_TTL", 90, minimum=3)
 
 # Periodic managers. Beat only fires these; each finds due rows and dispatches worker tasks.
-# django-celery-beat syncs the entries by name into its tables, where operators can pause them.
+# pipelines.beat.Scheduler creates the entries by name in django-celery-beat's tables, where
+# operators can pause or retime them.
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
-    # Every five minutes: hand back rows whose worker lease expired (worker died mid-task).
+    # Every WORKFLOW_RECOVERY_INTERVAL (five minutes): hand back claims whose worker died.
     "recover-expired-leases": {
         "task": "pipelines.tasks.recover_expired_leases",
-        "schedule": timedelta(minutes=5),
+        "schedule": timedelta(seconds=WORKFLOW_RECOVERY_INTERVAL),
+    },
+    # Every WORKFLOW_MANAGER_INTERVAL (a minute): package the files of finished scans.
+    "run-packaging-manager": {
+        "task": "pipelines.tasks.run_packaging_manager",
+        "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
     },
 }
 
@@ -192,8 +218,6 @@ PIPELINE_BASE_DIR = env_path("PIPELINE_BASE_DIR", VAR_DIR / "pipelines")
 PROCESSING_LOCATION_ID = env_int("PROCESSING_LOCATION_ID", 0, minimum=0) or None
 # Root under which the demo facility creates its disk locations.
 FACILITY_DATA_ROOT = env_path("FACILITY_DATA_ROOT", VAR_DIR / "data")
-# How long a worker may hold a claimed row before the reconciler hands it back.
-WORKFLOW_LEASE_SECONDS = env_int("WORKFLOW_LEASE_SECONDS", 900, minimum=10)
 # Raw data packages are split so that none exceeds this many bytes (ops-db: 50 GB).
 RAW_DATA_PACKAGE_MAX_BYTES = env_int("RAW_DATA_PACKAGE_MAX_BYTES", 50 * 1000**3, minimum=1)
 DEFAULT_CHECKSUM_ALGORITHM = env_choice(

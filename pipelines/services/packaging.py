@@ -27,6 +27,7 @@ from django.db.models import Count, Min, QuerySet
 from django.utils import timezone
 
 from pipelines.exceptions import NonRetryableError, StorageUnavailable
+from pipelines.faults import pause_point
 from pipelines.models import (
     DataLocation,
     ExecutedObsUnit,
@@ -302,8 +303,10 @@ def _write_tar(
                 format=tarfile.PAX_FORMAT,
                 copybufsize=COPY_BUFFER,
             ) as tar:
-                for member in files:
+                for index, member in enumerate(files):
                     _add_file(tar, member, source, keeper)
+                    if index == 0:
+                        pause_point("packaging.mid_tar")
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(partial, target)

@@ -1,0 +1,33 @@
+"""The managers: periodic ticks that find due work and dispatch it (never do long I/O).
+
+A literal registry, name -> dotted path of the tick service, called as ``tick(owner=...)`` and
+returning counts (any non-zero count means the tick found work). Beat fires them through the
+``run_<name>_manager`` tasks (``CELERY_BEAT_SCHEDULE``); ``manage.py facility run`` calls
+``manager_tick`` directly so it can tell when a round found nothing.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.utils.module_loading import import_string
+
+MANAGERS: dict[str, str] = {
+    "packaging": "pipelines.services.packaging.packaging_manager_tick",
+}
+
+
+def manager_tick(name: str, *, owner: str) -> dict[str, int]:
+    """Run one tick of manager ``name`` and record its heartbeat (with the counts, so
+    ``/health`` shows what it last found). Raises whatever the tick raises, after no heartbeat:
+    a manager that keeps failing shows up as lagging."""
+    from pipelines.health import heartbeat
+
+    counts = dict(import_string(MANAGERS[name])(owner=owner))
+    heartbeat(
+        "manager",
+        name,
+        interval=settings.WORKFLOW_MANAGER_INTERVAL,
+        counts=counts,
+        ttl=settings.WORKFLOW_HEARTBEAT_TTL,
+    )
+    return counts

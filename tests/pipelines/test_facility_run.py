@@ -1,0 +1,110 @@
+"""``manage.py facility run``: the embedded facility, end to end in a subprocess on the laptop
+default (SQLite file, file-system broker), and its answers to bad input."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from tests.subprocesses import manage, python
+
+SETUP = """
+from django.core.management import call_command
+call_command("migrate", verbosity=0)
+call_command("createcachetable", verbosity=0)
+call_command("load_demo_facility", verbosity=0)
+call_command("simulate_observations", count=2, verbosity=0)
+"""
+
+REPORT = """
+import json
+from pipelines.models import PhysicalCopy, RawDataFile, RawDataPackage
+packages = list(RawDataPackage.objects.values("status", "state", "relative_path", "checksum",
+                                             "origin_location__root_path", "file_count"))
+print(json.dumps({
+    "packages": packages,
+    "unpackaged": RawDataFile.objects.filter(raw_data_package__isnull=True).count(),
+    "files": RawDataFile.objects.count(),
+    "copies": PhysicalCopy.objects.filter(kind="raw_data_package", status="present",
+                                          integrity="verified").count(),
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def facility(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A demo facility with two simulated scans, set up once for this module."""
+    var = tmp_path_factory.mktemp("facility") / "var"
+    python(var, SETUP)
+    return var
+
+
+def test_facility_run_until_idle_packages_every_scan_into_the_buffer(facility: Path) -> None:
+    result = manage(
+        facility, "facility", "run", "--until-idle", "--timeout", "120", "--tick", "0.5"
+    )
+
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "facility idle after" in result.stdout
+    assert "unfinished: none; failed: none" in result.stdout
+    state = json.loads(python(facility, REPORT))
+    assert state["unpackaged"] == 0 and state["files"] > 0
+    assert state["packages"] and state["copies"] == len(state["packages"])
+    assert sum(p["file_count"] for p in state["packages"]) == state["files"]
+    for package in state["packages"]:
+        assert (package["status"], package["state"]) == ("completed", "waiting")
+        tar_path = Path(package["origin_location__root_path"]) / package["relative_path"]
+        with tarfile.open(tar_path) as tar:
+            assert len(tar.getmembers()) == package["file_count"]
+
+    # Run again: nothing left to do, so the first round is idle and nothing changes.
+    again = manage(facility, "facility", "run", "--until-idle", "--timeout", "60", "--tick", "0.5")
+    assert again.returncode == 0, again.stderr
+    assert "after 1 round(s)" in again.stdout
+    assert json.loads(python(facility, REPORT)) == state
+
+
+def test_facility_run_with_a_timeout_exits_1_listing_what_is_left(facility: Path) -> None:
+    # A claim held under a live lease by some other runner: this one may neither take it over
+    # nor call the facility idle.
+    python(
+        facility,
+        """
+from datetime import timedelta
+from django.utils import timezone
+from pipelines.models import RawDataPackage
+p = RawDataPackage.objects.order_by("pk").first()
+RawDataPackage.objects.create(
+    name="held-elsewhere.tar", relative_path="x/held-elsewhere.tar",
+    executed_obs_unit=p.executed_obs_unit, instrument_module=p.instrument_module,
+    status="scheduled", claim_token="another-runner",
+    lease_expires_at=timezone.now() + timedelta(hours=1),
+)
+""",
+    )
+    result = manage(facility, "facility", "run", "--until-idle", "--timeout", "2", "--tick", "0.5")
+
+    assert result.returncode == 1, result.stdout
+    assert "stopped with work left" in result.stderr
+    assert "unfinished: raw_data_package: 1" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "arguments are required"),
+        (("frobnicate",), "invalid choice"),
+        (("run", "--tick", "0"), "must be above 0"),
+        (("run", "--tick", "soon"), "not a number of seconds"),
+        (("run", "--timeout", "-5"), "must be above 0"),
+        (("run", "--concurrency", "0"), "between 1 and 64"),
+        (("run", "--concurrency", "two"), "not a whole number"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(args: tuple[str, ...], message: str) -> None:
+    with pytest.raises(CommandError, match=message):
+        call_command("facility", *args)
