@@ -1,7 +1,8 @@
-"""Writes of the reduction configuration: save, reset, per-run scripts, staleness.
+"""Writes of the reduction configuration: save, reset, and a version's script file.
 
 Every change goes through ``reduction_config_update``: one validation (the instrument's form),
-one transaction (properties, audit rows, the new ParameterSet, stale products), one rendering
+one transaction (properties, audit rows, the new ParameterSet, and what the receivers of
+``reduction.signals.parameter_set_created`` write: the workflow's stale products), one rendering
 (the sandboxed environment of ``reduction.rendering``) and one atomic file replacement, made
 while the instrument's lock row is held (or, inside a caller's transaction, when that commits).
 Any failure up to the commit leaves the database and the script file as they were.
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from django.db import DatabaseError, transaction
-from django.utils import timezone
 
 from reduction.errors import InvalidParameters, ReductionConfigError, ScriptWriteError
 from reduction.forms import errors_as_dict, has_unstorable_text
@@ -35,11 +35,10 @@ from reduction.models import (
     ReductionProperty,
 )
 from reduction.rendering import ScriptRenderError, checksum, render_source, script_context
+from reduction.signals import parameter_set_created
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
-
-    from pipelines.models import ExecutedReductionStep
 
 logger = logging.getLogger(__name__)
 
@@ -332,12 +331,15 @@ def reduction_config_update(
 
     In one transaction, holding the instrument's lock row: store the properties whose value
     changed (one PropertyModification each, with old and new value, user and the new version),
-    create the next ParameterSet with the rendered script and its sha256, mark products made with
-    older versions stale, and atomically replace ``reduce_<KEY>.py`` in the instrument's output
-    directory. Values are compared as stored (``stored_values_equal``): a save equal to the latest
-    version creates nothing and only re-installs its script if the file differs. Raises
-    UnknownInstrument, InvalidParameters (bad values, or a comment that is too long or holds text
-    no database stores), ScriptRenderError or ScriptWriteError with nothing changed.
+    create the next ParameterSet with the rendered script and its sha256, send
+    ``reduction.signals.parameter_set_created`` (its receivers write in this transaction: the
+    workflow marks products made with older versions stale), and atomically replace
+    ``reduce_<KEY>.py`` in the instrument's output directory. Values are compared as stored
+    (``stored_values_equal``): a save equal to the latest version creates nothing (and sends
+    nothing) and only re-installs its script if the file differs. Raises UnknownInstrument,
+    InvalidParameters (bad values, or a comment that is too long or holds text no database
+    stores), ScriptRenderError, ScriptWriteError, or what a receiver of the signal raised, with
+    nothing changed.
 
     When the script file is replaced depends on who owns the transaction:
 
@@ -415,7 +417,13 @@ def reduction_config_update(
                     old_value=old,
                     new_value=cleaned[key],
                 )
-            mark_stale_products(instrument_key, parameter_set)
+            # Dependants react in this transaction; a receiver's exception aborts the save.
+            parameter_set_created.send(
+                sender=ParameterSet,
+                instrument_key=instrument_key,
+                parameter_set=parameter_set,
+                previous=latest,
+            )
             # Last, so that every database error above happens before the file changes.
             installed = _place_script(instrument_key, path, script, deferred=deferred)
     except BaseException:
@@ -533,63 +541,19 @@ def reduction_config_diff(old: ParameterSet, new: ParameterSet) -> ConfigDiff:
     return ConfigDiff(old, new, values, script_lines)
 
 
-# --- The workflow link ---------------------------------------------------------------------------
+# --- A version's script, for a run ---------------------------------------------------------------
 
 
-def reduction_script_for_run(run: ExecutedReductionStep, config_dir: Path) -> ParameterSet:
-    """Pin the parameter set a run uses and put its script in the run's config directory.
-
-    The run keeps the version it was first given (a retry runs the same script); a new run gets
-    the instrument's latest version, created from the current values if the instrument has never
-    been saved. The script is written byte for byte as stored with the version (atomically, as
-    ``reduce_<KEY>.py``) after checking its checksum. Raises ReductionConfigError when the step
-    names no instrument or the stored script does not match its checksum.
-    """
-    from pipelines.models import ExecutedReductionStep
-
-    key = run.reduction_step.reduction_instrument
-    if not key:
-        raise ReductionConfigError(f"{run.reduction_step} does not name a reduction instrument")
-    instrument = get_instrument(key)
-    parameter_set = run.parameter_set
-    if parameter_set is None:
-        parameter_set = ParameterSet.objects.latest_for(key)
-        if parameter_set is None:
-            parameter_set = reduction_config_update(
-                key,
-                values=reduction_config_current(key),
-                user=None,
-                comment=f"first version, created for run {run.pk}",
-            ).parameter_set
-        # Conditional: if another worker pinned a version first, use that one.
-        pinned = ExecutedReductionStep.objects.filter(pk=run.pk, parameter_set__isnull=True).update(
-            parameter_set=parameter_set
-        )
-        if not pinned:
-            run.refresh_from_db(fields=["parameter_set"])
-            assert run.parameter_set is not None
-            parameter_set = run.parameter_set
-        run.parameter_set = parameter_set
+def parameter_set_script_write(parameter_set: ParameterSet, directory: Path) -> Path:
+    """Write the version's script byte for byte as stored, atomically, as ``reduce_<KEY>.py`` in
+    ``directory`` (created if missing) and return its path. Checks the stored checksum first:
+    raises ReductionConfigError, writing nothing, when the script does not match it, and
+    ScriptWriteError when the file cannot be written. The workflow calls this for each run."""
+    instrument = get_instrument(parameter_set.instrument)
     if checksum(parameter_set.script_text) != parameter_set.script_checksum:
         raise ReductionConfigError(
             f"{parameter_set}: stored script does not match its checksum; not using it"
         )
-    _atomic_write(
-        Path(config_dir) / instrument.script_name, parameter_set.script_text.encode("utf-8")
-    )
-    return parameter_set
-
-
-def mark_stale_products(instrument_key: str, parameter_set: ParameterSet) -> int:
-    """Mark products made with an older version of this instrument's parameters as stale (once:
-    products already stale keep their first date and reason). Returns how many were marked."""
-    from pipelines.models import DataProduct
-
-    reason = (
-        f"made with older {instrument_key} reduction parameters; v{parameter_set.number} is current"
-    )
-    return DataProduct.objects.filter(
-        produced_by__parameter_set__instrument=instrument_key,
-        produced_by__parameter_set__number__lt=parameter_set.number,
-        stale_since__isnull=True,
-    ).update(stale_since=timezone.now(), stale_reason=reason[:500])
+    path = Path(directory) / instrument.script_name
+    _atomic_write(path, parameter_set.script_text.encode("utf-8"))
+    return path

@@ -28,20 +28,13 @@ from reduction.models import (
 )
 from reduction.rendering import ScriptRenderError
 from reduction.services import (
-    mark_stale_products,
     reduction_config_current,
     reduction_config_diff,
     reduction_config_render,
     reduction_config_reset,
     reduction_config_update,
-    reduction_script_for_run,
 )
-from tests.factories import (
-    DataProductFactory,
-    ExecutedReductionStepFactory,
-    ReductionStepFactory,
-    UserFactory,
-)
+from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -410,64 +403,6 @@ def test_concurrent_saves_produce_consecutive_versions_and_consistent_histories(
         == latest.values["e_min"]
     )
     assert {v.author for v in versions[1:]} == set(users)
-
-
-# --- Workflow link -------------------------------------------------------------------------------
-
-
-def test_a_run_pins_the_latest_version_and_gets_its_script(tmp_path: Path) -> None:
-    v1 = reduction_config_update("cncs", values=reduction_config_current("cncs"), user=None)
-    run = ExecutedReductionStepFactory(
-        reduction_step=ReductionStepFactory(reduction_instrument="cncs")
-    )
-
-    ps = reduction_script_for_run(run, tmp_path / "config")
-
-    assert ps == v1.parameter_set
-    run.refresh_from_db()
-    assert run.parameter_set == ps
-    assert (tmp_path / "config/reduce_CNCS.py").read_text() == ps.script_text
-
-    # A retry after a parameter change still runs the version it was given.
-    reduction_config_update(
-        "cncs", values=reduction_config_current("cncs") | {"e_max": 0.9}, user=None
-    )
-    assert reduction_script_for_run(run, tmp_path / "retry") == v1.parameter_set
-
-
-def test_a_run_of_a_never_saved_instrument_creates_version_one(tmp_path: Path) -> None:
-    run = ExecutedReductionStepFactory(
-        reduction_step=ReductionStepFactory(reduction_instrument="chai")
-    )
-    ps = reduction_script_for_run(run, tmp_path)
-    assert (ps.number, ps.values) == (1, get_instrument("chai").defaults())
-    assert "first version, created for run" in ps.comment
-
-
-def test_a_step_without_an_instrument_is_refused(tmp_path: Path) -> None:
-    run = ExecutedReductionStepFactory()
-    with pytest.raises(Exception, match="does not name a reduction instrument"):
-        reduction_script_for_run(run, tmp_path)
-
-
-def test_saving_new_parameters_marks_older_products_stale() -> None:
-    v1 = reduction_config_update("cncs", values=reduction_config_current("cncs"), user=None)
-    old = DataProductFactory(produced_by__parameter_set=v1.parameter_set)
-    unrelated = DataProductFactory()
-
-    v2 = reduction_config_update(
-        "cncs", values=reduction_config_current("cncs") | {"e_max": 0.9}, user=None
-    )
-    current = DataProductFactory(produced_by__parameter_set=v2.parameter_set)
-
-    old.refresh_from_db()
-    unrelated.refresh_from_db()
-    assert old.stale_since is not None
-    assert old.stale_reason == "made with older cncs reduction parameters; v2 is current"
-    assert unrelated.stale_since is None
-    assert mark_stale_products("cncs", v2.parameter_set) == 0  # already marked, current is fresh
-    current.refresh_from_db()
-    assert current.stale_since is None
 
 
 def test_errors_inside_an_outer_transaction_leave_it_usable() -> None:
