@@ -13,8 +13,10 @@ Two steps, both safe to repeat:
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -125,13 +127,18 @@ def _plan_group(
 ) -> tuple[int, int]:
     try:
         with transaction.atomic():
+            # One planner per scan at a time (ingest also locks the scan to add files): a second
+            # planner skips the scan instead of splitting the group with the first.
+            scans = ExecutedObsUnit.objects.filter(pk=scan_id)
+            if connection_supports_skip_locked(scans.db):
+                scans = scans.select_for_update(skip_locked=True)
+            if not list(scans.values_list("pk", flat=True)):
+                return 0, 0
             rows = get_unpackaged_raw_data_files().filter(
                 executed_obs_unit_id=scan_id,
                 instrument_module_id=module_id,
                 source_location_id=source_id,
             )
-            if connection_supports_skip_locked(rows.db):
-                rows = rows.select_for_update(skip_locked=True, of=("self",))
             members = list(rows.order_by("relative_path").values_list("pk", "size", "name"))
             if not members:
                 return 0, 0
@@ -188,7 +195,8 @@ def _new_package(
     module_name = RawDataFile.objects.filter(pk=chunk[0][0]).values_list(
         "instrument_module__name", flat=True
     )[0]
-    name = f"{scan.start_time:%Y%m%dT%H%M%S}_{str(scan.pk)[:8]}_{module_name}_{index:03d}.tar"
+    module_slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", module_name).strip("-") or "module"
+    name = f"{scan.start_time:%Y%m%dT%H%M%S}_{str(scan.pk)[:8]}_{module_slug}_{index:03d}.tar"
     package = RawDataPackage.objects.create(
         name=name,
         relative_path=f"{PACKAGE_DIR}/{scan.start_time:%Y/%m/%d}/{name}",
@@ -288,6 +296,10 @@ def _write_tar(
     """Write the tar to a temporary name next to ``target``, then rename it into place. Returns
     (checksum, size) of the tar as written."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    # A worker killed mid-tar leaves its partial file behind; this claim holds the package
+    # exclusively now, so any partial of an earlier claim is garbage.
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
+        stale.unlink(missing_ok=True)
     partial = target.with_name(f".{target.name}.{token[:12]}.partial")
     files = list(
         RawDataFile.objects.filter(raw_data_package=package)

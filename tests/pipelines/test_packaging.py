@@ -352,3 +352,29 @@ def test_the_io_error_of_a_full_buffer_is_retryable(facility: Facility, monkeypa
     assert is_retryable(info.value)
     assert RawDataFile.objects.filter(raw_data_package__isnull=False).count() == 1
     assert not [p for p in Path(facility.buffer.root_path).rglob("*") if p.is_file()]
+
+
+def test_a_partial_tar_left_by_a_killed_worker_is_removed_by_the_next_attempt(
+    facility: Facility,
+) -> None:
+    facility.file(facility.scan(), "raw/a.dat", b"a")
+    raw_data_packages_plan()
+    package = RawDataPackage.objects.get()
+    target = Path(facility.buffer.root_path) / package.relative_path
+    target.parent.mkdir(parents=True)
+    leftover = target.with_name(f".{target.name}.0123456789ab.partial")
+    leftover.write_bytes(b"half a tar")
+
+    claim_and_build(package)
+
+    assert not leftover.exists()
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
+
+
+def test_package_names_are_safe_for_any_module_name(facility: Facility) -> None:
+    module = f.InstrumentModuleFactory(name="280 GHz / LFA")
+    facility.file(facility.scan(), "raw/a.dat", b"a", module=module)
+    raw_data_packages_plan()
+    package = RawDataPackage.objects.get()
+    assert "_280-GHz-LFA_001.tar" in package.name
+    assert " " not in package.relative_path and package.relative_path.count("/") == 4
