@@ -68,11 +68,10 @@ class _CacheStore:
         from django.core.cache import cache
 
         cache.set(key, value, ttl)
-        if key.startswith("health:"):
-            index = set(cache.get(self.INDEX) or [])
-            if key not in index:
-                index.add(key)
-                cache.set(self.INDEX, sorted(index), DETAIL_TTL)
+        index = set(cache.get(self.INDEX) or [])
+        if key not in index:
+            index.add(key)
+            cache.set(self.INDEX, sorted(index), DETAIL_TTL)
 
     def get(self, key: str) -> str | None:
         from django.core.cache import cache
@@ -216,3 +215,85 @@ class HeartbeatThread:
                     return
         finally:
             connection.close()
+
+
+# --- the /health report --------------------------------------------------------------------------
+def _check(name: str, probe: Any) -> str:
+    try:
+        probe()
+    except Exception:  # report, never crash the probe; the detail goes to the log only
+        log.exception("health: %s check failed", name)
+        return "error"
+    return "ok"
+
+
+def _database() -> None:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+
+
+def _broker() -> None:
+    from workflow_site.celery import app
+
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=3)
+
+
+def _cache() -> None:
+    from django.core.cache import cache
+
+    cache.set("health-probe", "ok", 30)
+    if cache.get("health-probe") != "ok":
+        raise RuntimeError("the cache did not return what was just stored")
+
+
+def _failed_counts() -> dict[str, int]:
+    from pipelines.models import Status
+    from pipelines.services.recovery import OPERATION_MODELS
+
+    counts: dict[str, int] = {}
+    for model in OPERATION_MODELS:
+        for name in model.PHASES:
+            key = model._meta.db_table if name == "status" else f"{model._meta.db_table}.{name}"
+            counts[key] = model.objects.filter(**{name: Status.FAILED}).count()
+    return counts
+
+
+def health_report() -> tuple[int, dict[str, Any]]:
+    """(HTTP status, body) of ``GET /health``. 503 when the database, the broker or the cache
+    does not answer; managers and workers are reported (last tick, lag, alive) but do not make
+    the probe fail, so a web process is not taken out of service because beat is down. Only
+    states and counts: no host names, addresses or driver messages."""
+    from pipelines.managers import MANAGERS
+
+    body: dict[str, Any] = {
+        "database": _check("database", _database),
+        "broker": _check("broker", _broker),
+        "cache": _check("cache", _cache),
+    }
+    healthy = all(body[k] == "ok" for k in ("database", "broker", "cache"))
+    body = {"status": "ok" if healthy else "degraded", **body}
+    try:
+        seen = {(s.service_type, s.service_name): s for s in services()}
+    except Exception:
+        log.exception("health: heartbeats could not be read")
+        seen = {}
+    body["managers"] = {}
+    for name in MANAGERS:
+        service = seen.get(("manager", name))
+        body["managers"][name] = {
+            "alive": bool(service and service.alive),
+            "last_tick": service.last_seen if service else None,
+            "lag_seconds": service.lag_seconds if service else None,
+        }
+    body["workers_alive"] = sum(
+        1 for (kind, _name), s in seen.items() if kind == "worker" and s.alive
+    )
+    if body["database"] == "ok":
+        try:
+            body["failed"] = _failed_counts()
+        except Exception:
+            log.exception("health: failed counts could not be read")
+    return (200 if healthy else 503), body

@@ -24,7 +24,14 @@ _PROBE = """
 import json
 import django
 django.setup()
+from django.core.management import call_command
 from django.test import Client
+
+try:  # a migrated database and a cache table, when the database is up at all
+    call_command("migrate", verbosity=0)
+    call_command("createcachetable", verbosity=0)
+except Exception:
+    pass
 
 client = Client()
 out = {}
@@ -57,31 +64,65 @@ def _probe_production(tmp_path: Path, **env: str) -> dict[str, dict[str, object]
 
 # --- in this process ---------------------------------------------------------------------------
 @pytest.mark.django_db
-def test_it_answers_200_when_the_database_answers(client) -> None:
+def test_it_answers_200_when_the_database_broker_and_cache_answer(client) -> None:
     response = client.get("/health")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "database": "ok"}
+    body = response.json()
+    assert {k: body[k] for k in ("status", "database", "broker", "cache")} == {
+        "status": "ok",
+        "database": "ok",
+        "broker": "ok",
+        "cache": "ok",
+    }
     assert "no-store" in response["Cache-Control"]
 
 
 @pytest.mark.django_db
-def test_it_answers_503_naming_the_database_without_the_driver_message(
-    client, monkeypatch, caplog
+@pytest.mark.parametrize("dependency", ["database", "broker", "cache"])
+def test_it_answers_503_naming_the_dependency_without_the_driver_message(
+    client, monkeypatch, caplog, dependency: str
 ) -> None:
     secret = 'connection to server at "10.1.2.3", port 5432 failed: password for user "ops"'
 
-    def broken_cursor(*args: object, **kwargs: object) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
         raise OperationalError(secret)
 
-    monkeypatch.setattr("pipelines.views.connection.cursor", broken_cursor)
+    monkeypatch.setattr(f"pipelines.health._{dependency}", broken)
 
     response = client.get("/health")
 
     assert response.status_code == 503
-    assert response.json() == {"status": "degraded", "database": "error"}
+    body = response.json()
+    assert (body["status"], body[dependency]) == ("degraded", "error")
+    for other in {"database", "broker", "cache"} - {dependency}:
+        assert body[other] == "ok"
     for detail in ("10.1.2.3", "5432", "ops", "password"):
         assert detail not in response.content.decode()
     assert any(record.exc_info and secret in str(record.exc_info[1]) for record in caplog.records)
+
+
+@pytest.mark.django_db
+def test_it_reports_each_managers_last_tick_and_lag_and_the_failed_counts(client) -> None:
+    from pipelines.managers import manager_tick
+    from tests import factories as f
+
+    f.StagingJobFactory(status="failed")
+    before = client.get("/health").json()
+    assert before["managers"]["packaging"] == {
+        "alive": False,
+        "last_tick": None,
+        "lag_seconds": None,
+    }
+
+    manager_tick("packaging", owner="test")
+
+    body = client.get("/health").json()
+    packaging = body["managers"]["packaging"]
+    assert packaging["alive"] is True and packaging["last_tick"]
+    assert packaging["lag_seconds"] == 0.0
+    assert body["failed"]["staging_job"] == 1
+    assert body["failed"]["raw_data_package"] == 0
+    assert "data_transfer.unpack_status" in body["failed"]
 
 
 # --- under the production settings, in a subprocess --------------------------------------------
@@ -94,14 +135,21 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, 
 def test_it_is_not_redirected_to_https_under_the_production_settings(production) -> None:
     probe = production["/health"]
     assert probe["status"] == 200, probe
-    assert json.loads(str(probe["body"])) == {"status": "ok", "database": "ok"}
+    body = json.loads(str(probe["body"]))
+    assert (body["status"], body["database"], body["broker"], body["cache"]) == (
+        "ok",
+        "ok",
+        "ok",
+        "ok",
+    )
 
 
 def test_it_answers_503_not_a_redirect_when_the_production_database_is_down(tmp_path) -> None:
     probe = _probe_production(tmp_path, DATABASE_URL=_UNREACHABLE_DB)["/health"]
     assert probe["status"] == 503, probe
     assert probe["location"] is None
-    assert json.loads(str(probe["body"])) == {"status": "degraded", "database": "error"}
+    body = json.loads(str(probe["body"]))
+    assert (body["status"], body["database"]) == ("degraded", "error")
     for detail in ("127.0.0.1", "probe_user", "probe-s3cret", "opsdb"):
         assert detail not in str(probe["body"])
 

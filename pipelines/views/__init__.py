@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 
 from django.contrib.auth.decorators import login_required
-from django.db import connection
 from django.db.models import Count
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 
+from pipelines.health import health_report
 from pipelines.models import (
     ExecutedObsUnit,
     PackageState,
@@ -40,24 +40,13 @@ def home(request: HttpRequest) -> HttpResponse:
 
 @never_cache
 def health(request: HttpRequest) -> JsonResponse:
-    """Liveness of the database; the full report (broker, heartbeats) comes with the managers.
+    """``pipelines.health.health_report``: 200 when the database, broker and cache answer, else
+    503 naming which did not; each manager's last tick and lag, live workers, failed counts.
 
-    200 ``{"status": "ok", "database": "ok"}`` when every dependency checked answers; otherwise
-    503 ``{"status": "degraded", <dependency>: "error"}``. Probes count any 2xx/3xx as healthy,
-    so this URL is exempt from the HTTPS redirect (``SECURE_REDIRECT_EXEMPT`` in settings) and
-    the response is never cached.
-
-    Public (no login, for load balancers), so a failure is reported as ``"error"`` only; the
-    driver's message, which may name hosts, ports and users, goes to the log.
+    Probes count any 2xx/3xx as healthy, so this URL is exempt from the HTTPS redirect
+    (``SECURE_REDIRECT_EXEMPT`` in settings) and the response is never cached. Public (no
+    login, for load balancers): a failure is reported as ``"error"`` only; the driver's message,
+    which may name hosts, ports and users, goes to the log.
     """
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-        db = "ok"
-    except Exception:  # report, do not crash the probe
-        log.exception("health: database check failed")
-        db = "error"
-    status = 200 if db == "ok" else 503
-    return JsonResponse(
-        {"status": "ok" if status == 200 else "degraded", "database": db}, status=status
-    )
+    status, body = health_report()
+    return JsonResponse(body, status=status)
