@@ -34,6 +34,10 @@ def home(request: HttpRequest) -> HttpResponse:
         },
         "copies": PhysicalCopy.objects.count(),
         "recent_scans": ExecutedObsUnit.objects.select_related("obs_unit")[:10],
+        # Where each package's tar is: the buffer it was written to (packaging manager).
+        "recent_packages": RawDataPackage.objects.select_related(
+            "instrument_module", "origin_location__site"
+        ).order_by("-created_at", "-pk")[:20],
     }
     return render(request, "pipelines/home.html", context)
 

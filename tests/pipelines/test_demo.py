@@ -320,8 +320,18 @@ def test_simulate_reports_progress_per_scan_at_verbosity_2() -> None:
 
 
 # --- demo -----------------------------------------------------------------------------------------
-def test_demo_no_serve_sets_everything_up(client: Any) -> None:
+def test_demo_no_serve_sets_everything_up(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The data path runs an embedded worker in another thread, which cannot see this test's
+    # uncommitted transaction: here it is only checked that the step runs, last; the real run is
+    # tested end to end in a subprocess (tests/pipelines/test_facility_run.py).
+    from pipelines.management.commands import demo
+
+    ran: list[int] = []
+    monkeypatch.setattr(
+        demo.Command, "run_facility", lambda self: ran.append(ExecutedObsUnit.objects.count())
+    )
     output = _run("demo", "--no-serve", "--count", "2")
+    assert ran == [2]
 
     assert "Demo ready: http://127.0.0.1:8000/admin/" in output
     assert f"password '{DEFAULT_PASSWORD}'" in output

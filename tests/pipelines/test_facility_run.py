@@ -12,14 +12,6 @@ from django.core.management import CommandError, call_command
 
 from tests.subprocesses import manage, python
 
-SETUP = """
-from django.core.management import call_command
-call_command("migrate", verbosity=0)
-call_command("createcachetable", verbosity=0)
-call_command("load_demo_facility", verbosity=0)
-call_command("simulate_observations", count=2, verbosity=0)
-"""
-
 REPORT = """
 import json
 from pipelines.models import PhysicalCopy, RawDataFile, RawDataPackage
@@ -37,35 +29,54 @@ print(json.dumps({
 
 @pytest.fixture(scope="module")
 def facility(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A demo facility with two simulated scans, set up once for this module."""
+    """`manage.py demo --no-serve`, once for this module: set up, simulate two scans, and run
+    the data path until idle."""
     var = tmp_path_factory.mktemp("facility") / "var"
-    python(var, SETUP)
+    result = manage(var, "demo", "--no-serve", "--count", "2", "--timeout", "150")
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "Running the data path until idle" in result.stdout
+    assert "facility idle after" in result.stdout
     return var
 
 
-def test_facility_run_until_idle_packages_every_scan_into_the_buffer(facility: Path) -> None:
-    result = manage(
-        facility, "facility", "run", "--until-idle", "--timeout", "120", "--tick", "0.5"
-    )
-
-    assert result.returncode == 0, result.stderr + result.stdout
-    assert "facility idle after" in result.stdout
-    assert "unfinished: none; failed: none" in result.stdout
+def test_the_demo_packages_every_scan_into_the_observatory_buffer(facility: Path) -> None:
     state = json.loads(python(facility, REPORT))
     assert state["unpackaged"] == 0 and state["files"] > 0
     assert state["packages"] and state["copies"] == len(state["packages"])
     assert sum(p["file_count"] for p in state["packages"]) == state["files"]
     for package in state["packages"]:
         assert (package["status"], package["state"]) == ("completed", "waiting")
+        assert package["origin_location__root_path"].endswith("/buffer")
         tar_path = Path(package["origin_location__root_path"]) / package["relative_path"]
         with tarfile.open(tar_path) as tar:
             assert len(tar.getmembers()) == package["file_count"]
 
-    # Run again: nothing left to do, so the first round is idle and nothing changes.
-    again = manage(facility, "facility", "run", "--until-idle", "--timeout", "60", "--tick", "0.5")
-    assert again.returncode == 0, again.stderr
-    assert "after 1 round(s)" in again.stdout
-    assert json.loads(python(facility, REPORT)) == state
+
+def test_facility_run_until_idle_with_nothing_to_do_exits_0_after_one_round(
+    facility: Path,
+) -> None:
+    before = json.loads(python(facility, REPORT))
+    result = manage(facility, "facility", "run", "--until-idle", "--timeout", "60", "--tick", "0.5")
+    assert result.returncode == 0, result.stderr
+    assert "facility idle after 1 round(s)" in result.stdout
+    assert "unfinished: none; failed: none" in result.stdout
+    assert json.loads(python(facility, REPORT)) == before
+
+
+def test_facility_run_picks_up_new_scans(facility: Path) -> None:
+    python(
+        facility,
+        "from django.core.management import call_command\n"
+        "call_command('simulate_observations', count=3, verbosity=0)\n",
+    )
+    assert json.loads(python(facility, REPORT))["unpackaged"] > 0
+    result = manage(
+        facility, "facility", "run", "--until-idle", "--timeout", "120", "--tick", "0.5"
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    state = json.loads(python(facility, REPORT))
+    assert state["unpackaged"] == 0
+    assert all(p["status"] == "completed" for p in state["packages"])
 
 
 def test_facility_run_with_a_timeout_exits_1_listing_what_is_left(facility: Path) -> None:

@@ -34,6 +34,12 @@ class Command(BaseCommand):
         parser.add_argument("--port", type=int, default=8000, help="port to serve on (8000)")
         parser.add_argument("--count", type=int, default=3, help="scans to simulate (3)")
         parser.add_argument(
+            "--timeout",
+            type=int,
+            default=600,
+            help="seconds the data path may take before the demo gives up (600)",
+        )
+        parser.add_argument(
             "--password",
             default=None,
             help=(
@@ -55,14 +61,15 @@ class Command(BaseCommand):
         if not options["no_serve"]:
             self.serve()
 
-    # The setup, in order. Embedded workers and beat (a later addition) become more steps here
-    # and more processes in serve().
+    # The setup, in order: the last step runs the data path (workers and managers) until
+    # nothing is left to do, so the pages show packaged data when the server starts.
     def setup_steps(self) -> list[Step]:
         return [
             ("Applying migrations", self.migrate),
             ("Creating the cache table", self.create_cache_table),
             ("Loading the demo facility", self.load_facility),
             (f"Simulating {self.options['count']} observations", self.simulate),
+            ("Running the data path until idle (workers and managers)", self.run_facility),
         ]
 
     def migrate(self) -> None:
@@ -80,6 +87,19 @@ class Command(BaseCommand):
         result = demo_observations_simulate(count=self.options["count"])
         self.stdout.write(result.summary())
 
+    def run_facility(self) -> None:
+        call_command(
+            "facility",
+            "run",
+            "--until-idle",
+            "--timeout",
+            str(self.options["timeout"]),
+            "--tick",
+            "1",
+            verbosity=self.options["verbosity"],
+            stdout=self.stdout._out,
+        )
+
     def print_welcome(self) -> None:
         url = f"http://127.0.0.1:{self.options['port']}/admin/"
         if self.facility is not None and ADMIN_USERNAME in self.facility.passwords_set:
@@ -91,6 +111,10 @@ class Command(BaseCommand):
             )
         self.stdout.write(self.style.SUCCESS(f"Demo ready: {url}"))
         self.stdout.write(f"Log in as {login}")
+        self.stdout.write(
+            "More data: `manage.py simulate_observations --count N`, then "
+            "`manage.py facility run --until-idle` (or leave `manage.py facility run` running)."
+        )
 
     def check_plain_http(self) -> None:
         """The demo serves plain HTTP on 127.0.0.1. With the secure settings on (they default
