@@ -224,12 +224,12 @@ def discover_queues(
     return sorted(names)
 
 
-# Fixed routes by task name; per-row data-transfer tasks pass their queue at enqueue time.
+# Fixed routes by task name, each naming a registered task (tested); per-row data-transfer tasks
+# pass their queue at enqueue time. The workflow tasks (staging, submission, results) add their
+# routes to workflow.staging/hpc/results when they are written.
 TASK_ROUTES: dict[str, str] = {
-    "pipelines.tasks.stage_run_inputs": STAGING_QUEUE,
-    "pipelines.tasks.submit_run": HPC_QUEUE,
-    "pipelines.tasks.collect_run_results": RESULTS_QUEUE,
-    "pipelines.tasks.run_completed": RESULTS_QUEUE,
+    # The lease reconciler is periodic like the managers and runs with them.
+    "pipelines.tasks.recover_expired_leases": MANAGERS_QUEUE,
 }
 
 

@@ -36,7 +36,6 @@ def require_postgres(db: None) -> None:
 def _isolated_var_dir(settings, tmp_path):  # type: ignore[no-untyped-def]
     """Keep files a test writes (demo data, scripts) out of the developer's var/."""
     settings.FACILITY_DATA_ROOT = tmp_path / "data"
-    settings.PIPELINE_BASE_DIR = tmp_path / "pipelines"
     settings.REDUCTION_SCRIPT_DIR = tmp_path / "reduction_scripts"
     # Factories hash a password per user; the production hasher costs ~0.3 s each.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

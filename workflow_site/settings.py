@@ -209,13 +209,6 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
 }
 
 # --- Facility -----------------------------------------------------------------------------------
-HPC_BACKEND = env_choice("HPC_BACKEND", ("local", "slurm", "kubernetes"), "local")
-CONTAINER_RUNTIME = env_choice(
-    "CONTAINER_RUNTIME", ("apptainer", "podman", "docker", "none"), "none"
-)
-SLURM_PARTITION = env_str("SLURM_PARTITION")
-PIPELINE_BASE_DIR = env_path("PIPELINE_BASE_DIR", VAR_DIR / "pipelines")
-PROCESSING_LOCATION_ID = env_int("PROCESSING_LOCATION_ID", 0, minimum=0) or None
 # Root under which the demo facility creates its disk locations.
 FACILITY_DATA_ROOT = env_path("FACILITY_DATA_ROOT", VAR_DIR / "data")
 # Raw data packages are split so that none exceeds this many bytes (ops-db: 50 GB).

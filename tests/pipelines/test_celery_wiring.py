@@ -184,18 +184,21 @@ def test_queues_command_fails_clearly_when_nothing_matches(db: None) -> None:
 @pytest.mark.parametrize(
     ("task_name", "queue"),
     [
-        ("pipelines.tasks.stage_run_inputs", "workflow.staging"),
-        ("pipelines.tasks.submit_run", "workflow.hpc"),
-        ("pipelines.tasks.collect_run_results", "workflow.results"),
-        ("pipelines.tasks.run_completed", "workflow.results"),
+        ("pipelines.tasks.run_packaging_manager", "workflow.managers"),
         ("pipelines.tasks.run_archive_manager", "workflow.managers"),
-        ("pipelines.tasks.run_trigger_manager", "workflow.managers"),
-        ("pipelines.tasks.recover_expired_leases", "workflow.default"),
+        ("pipelines.tasks.recover_expired_leases", "workflow.managers"),
+        ("pipelines.tasks.build_raw_data_package", "workflow.default"),
         ("somewhere.else", "workflow.default"),
     ],
 )
 def test_route_task_sends_tasks_to_their_queue(task_name: str, queue: str) -> None:
     assert queues.route_task(task_name, (), {}, {}) == {"queue": queue}
+
+
+def test_every_fixed_route_names_a_registered_task() -> None:
+    project_app.loader.import_default_modules()
+    for name in queues.TASK_ROUTES:
+        assert name in project_app.tasks, f"TASK_ROUTES routes {name}, which is not a task"
 
 
 def test_an_explicit_queue_wins_over_the_route_table() -> None:
@@ -205,8 +208,8 @@ def test_an_explicit_queue_wins_over_the_route_table() -> None:
 
 def test_the_project_app_uses_the_router() -> None:
     router = project_app.amqp.router
-    route = router.route({}, "pipelines.tasks.submit_run", (), {})
-    assert route["queue"].name == "workflow.hpc"
+    route = router.route({}, "pipelines.tasks.recover_expired_leases", (), {})
+    assert route["queue"].name == "workflow.managers"
     route = router.route({}, "pipelines.tasks.run_deletion_manager", (), {})
     assert route["queue"].name == "workflow.managers"
     route = router.route({"queue": "cologne_buffer_deletion"}, "pipelines.tasks.submit_run", (), {})
