@@ -235,3 +235,40 @@ def test_a_failure_is_recorded_even_after_the_database_dropped_the_connection(
     stored: Any = LongTermArchiveTransfer.objects.get(pk=row.pk)
     assert (stored.status, stored.retry_count, stored.claim_token) == (Status.PENDING, 1, "")
     assert "server closed the connection" in stored.failure_error_message
+
+
+# --- leases that hold during long I/O ------------------------------------------------------------
+@pytest.mark.django_db(transaction=True)
+def test_a_lease_keeper_renews_the_lease_while_the_work_runs() -> None:
+    import time
+
+    from pipelines.services.operations import LeaseKeeper
+
+    job = f.StagingJobFactory(status=Status.IN_PROGRESS, claim_token="mine")
+    StagingJob.objects.filter(pk=job.pk).update(lease_expires_at=timezone.now())
+    with LeaseKeeper(StagingJob, job.pk, token="mine", lease_seconds=3) as keeper:
+        # Renewal every lease/3 = 1 s: after 2.5 s the lease reaches past now + 1.5 s.
+        time.sleep(2.5)
+        keeper.check()
+        job.refresh_from_db()
+        assert job.lease_expires_at > timezone.now() + timedelta(seconds=1.5)
+    assert not keeper.lost.is_set()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_lease_keeper_stops_the_work_once_the_claim_is_taken_over() -> None:
+    import time
+
+    from pipelines.services.operations import LeaseKeeper
+
+    job = f.StagingJobFactory(status=Status.IN_PROGRESS, claim_token="mine")
+    with LeaseKeeper(StagingJob, job.pk, token="mine", lease_seconds=3) as keeper:
+        keeper.check()
+        # Recovery handed the row back and a new claim took it.
+        StagingJob.objects.filter(pk=job.pk).update(claim_token="newer")
+        assert keeper.lost.wait(timeout=5)
+        with pytest.raises(ClaimLost, match="lease lost"):
+            keeper.check()
+        time.sleep(0.1)
+    job.refresh_from_db()
+    assert (job.status, job.claim_token) == (Status.IN_PROGRESS, "newer")

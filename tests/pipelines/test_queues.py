@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from django.core.exceptions import ValidationError
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 
 from pipelines import queues
 from pipelines.models import DataLocation, Site
@@ -160,6 +160,10 @@ def test_discovery_names_both_locations_when_a_clash_got_in_anyway(uni: Any) -> 
         assert "'uni_koeln_buffer_deletion' belongs to" in message
         assert "uni:koeln_buffer (id " in message
         assert f"uni_koeln:buffer (id {location.pk})" in message
+
+    # The command a worker's start-up script runs says so plainly, without a traceback.
+    with pytest.raises(CommandError, match="ambiguous queue names"):
+        call_command("queues", "--site", "uni", stdout=StringIO())
 
     # A worker none of whose queues is ambiguous still gets its list.
     assert queues.discover_queues(site="chile") == [

@@ -16,7 +16,13 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from pipelines.queues import DEFAULT_QUEUE, MANAGERS_QUEUE, WORKFLOW_QUEUES, discover_queues
+from pipelines.queues import (
+    DEFAULT_QUEUE,
+    MANAGERS_QUEUE,
+    WORKFLOW_QUEUES,
+    QueueNameClash,
+    discover_queues,
+)
 
 
 class Command(BaseCommand):
@@ -53,7 +59,12 @@ class Command(BaseCommand):
             raise CommandError("--no-locations contradicts --site/--location")
         names: set[str] = set()
         if not options["no_locations"]:
-            names.update(discover_queues(site=options["site"], location_ids=options["locations"]))
+            try:
+                names.update(
+                    discover_queues(site=options["site"], location_ids=options["locations"])
+                )
+            except QueueNameClash as exc:
+                raise CommandError(str(exc)) from exc
         if options["workflow"]:
             names.update(WORKFLOW_QUEUES)
         if options["managers"]:
