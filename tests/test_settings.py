@@ -8,7 +8,6 @@ settings are read once per process.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
+from tests.subprocesses import ROOT, clean_env, manage
 from workflow_site.env import (
     env_bool,
     env_choice,
@@ -25,23 +25,6 @@ from workflow_site.env import (
     env_path,
     env_str,
     parse_database_url,
-)
-
-ROOT = Path(__file__).resolve().parent.parent
-
-# Variables that would leak the developer's or CI's configuration into a subprocess.
-_CONFIG_VARIABLES = (
-    "DATABASE_URL",
-    "REDIS_URL",
-    "CELERY_BROKER_URL",
-    "CELERY_RESULT_BACKEND",
-    "DJANGO_SECRET_KEY",
-    "DJANGO_ALLOWED_HOSTS",
-    "DJANGO_DEBUG",
-    "DJANGO_SECURE",
-    "DJANGO_SSL_REDIRECT",
-    "DJANGO_HSTS_SECONDS",
-    "DJANGO_CSRF_TRUSTED_ORIGINS",
 )
 
 
@@ -242,29 +225,11 @@ def test_a_rejected_database_url_does_not_show_its_password(tmp_path) -> None:
 
 # --- whole settings, in a subprocess -------------------------------------------------------------
 def _clean_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
-    # Every DJANGO_* variable goes too: e.g. DJANGO_ALLOW_ASYNC_UNSAFE, which browser tests set
-    # for themselves, is itself a deploy-check error.
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in _CONFIG_VARIABLES and not k.startswith("DJANGO_")
-    }
-    env["WORKFLOW_VAR_DIR"] = str(tmp_path / "var")
-    env["DJANGO_SETTINGS_MODULE"] = "workflow_site.settings"
-    env.update(overrides)
-    return env
+    return clean_env(tmp_path / "var", **overrides)
 
 
 def _manage(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "manage.py", *args],
-        cwd=ROOT,
-        env=_clean_env(tmp_path, **env),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return manage(tmp_path / "var", *args, timeout=120, **env)
 
 
 _DUMP_SETTINGS = """

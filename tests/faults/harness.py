@@ -24,7 +24,7 @@ from typing import Any
 
 import psycopg2
 
-from tests.subprocesses import ROOT, clean_env
+from tests.subprocesses import ROOT, clean_env, python
 
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 # Short enough that a dead worker's claim comes back within seconds.
@@ -144,30 +144,19 @@ class Facility:
         self.fault_dir.mkdir(parents=True)
         self.logs = tmp_path / "logs"
         self.logs.mkdir()
-        self.env = clean_env(
-            self.var,
-            DATABASE_URL=database_url(self.db),
-            CELERY_BROKER_URL=redis.url(0),
-            REDIS_URL=redis.url(1),
-            WORKFLOW_FAULT_DIR=str(self.fault_dir),
+        self.overrides = {
+            "DATABASE_URL": database_url(self.db),
+            "CELERY_BROKER_URL": redis.url(0),
+            "REDIS_URL": redis.url(1),
+            "WORKFLOW_FAULT_DIR": str(self.fault_dir),
             **ENV,
-        )
+        }
+        self.env = clean_env(self.var, **self.overrides)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     # --- processes -------------------------------------------------------------------------------
     def python(self, code: str, timeout: float = 120) -> str:
-        result = subprocess.run(
-            [sys.executable, "-c", "import django\ndjango.setup()\n" + code],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise AssertionError(f"setup code failed:\n{result.stderr}")
-        return result.stdout
+        return python(self.var, code, timeout=timeout, **self.overrides)
 
     def load_demo(self, scans: int) -> None:
         self.python(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,32 +27,11 @@ from pipelines.services.ingest import (
     raw_data_files_register_bulk,
 )
 from tests import factories as f
+from tests.pipelines.ingest.conftest import T0
 
 pytestmark = pytest.mark.django_db
 
-T0 = datetime(2025, 3, 1, 4, 0, tzinfo=UTC)
 ObsStatus = ExecutedObsUnit.ObsStatus
-
-
-@pytest.fixture
-def source(tmp_path: Path) -> DataLocation:
-    root = tmp_path / "ccat" / "chai_raw_data"
-    root.mkdir(parents=True)
-    return f.DataLocationFactory(
-        name="chai_raw_data",
-        location_type=DataLocation.LocationType.SOURCE,
-        root_path=str(root),
-    )
-
-
-@pytest.fixture
-def scan() -> ExecutedObsUnit:
-    return f.ExecutedObsUnitFactory(start_time=T0)
-
-
-@pytest.fixture
-def module() -> Any:
-    return f.InstrumentModuleFactory(name="LFA")
 
 
 def _counts() -> dict[str, int]:

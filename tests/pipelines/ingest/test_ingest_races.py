@@ -8,7 +8,6 @@ PostgreSQL the scan row is locked while the file is written so the two cannot in
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,33 +20,12 @@ from pipelines.services.ingest import raw_data_file_register, raw_data_files_reg
 from pipelines.services.states import transition
 from pipelines.storage import checksums
 from tests import factories as f
-from tests.pipelines.test_ingest import T0, _counts, _file_kwargs
+from tests.pipelines.ingest.conftest import T0
+from tests.pipelines.ingest.test_ingest import _counts, _file_kwargs
 
 pytestmark = pytest.mark.django_db
 
 ObsStatus = ExecutedObsUnit.ObsStatus
-
-
-# The same fixtures as in test_ingest.py.
-@pytest.fixture
-def source(tmp_path: Path) -> DataLocation:
-    root = tmp_path / "ccat" / "chai_raw_data"
-    root.mkdir(parents=True)
-    return f.DataLocationFactory(
-        name="chai_raw_data",
-        location_type=DataLocation.LocationType.SOURCE,
-        root_path=str(root),
-    )
-
-
-@pytest.fixture
-def scan() -> ExecutedObsUnit:
-    return f.ExecutedObsUnitFactory(start_time=T0)
-
-
-@pytest.fixture
-def module() -> Any:
-    return f.InstrumentModuleFactory(name="LFA")
 
 
 def _finish_during_checksum(

@@ -8,7 +8,6 @@ JSON text and gives the float back. Either way an identical retry is the same fi
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,8 +15,7 @@ import pytest
 from pipelines.exceptions import IngestError
 from pipelines.models import DataLocation, ExecutedObsUnit, RawDataFile
 from pipelines.services.ingest import raw_data_file_register, raw_data_files_register_bulk
-from tests import factories as f
-from tests.pipelines.test_ingest import T0, _counts, _file_kwargs
+from tests.pipelines.ingest.test_ingest import _counts, _file_kwargs
 
 pytestmark = pytest.mark.django_db
 
@@ -31,28 +29,6 @@ NUMBERS: dict[str, Any] = {
     "zero": -0.0,
     "integer": 2**62,
 }
-
-
-# The same fixtures as in test_ingest.py.
-@pytest.fixture
-def source(tmp_path: Path) -> DataLocation:
-    root = tmp_path / "ccat" / "chai_raw_data"
-    root.mkdir(parents=True)
-    return f.DataLocationFactory(
-        name="chai_raw_data",
-        location_type=DataLocation.LocationType.SOURCE,
-        root_path=str(root),
-    )
-
-
-@pytest.fixture
-def scan() -> ExecutedObsUnit:
-    return f.ExecutedObsUnitFactory(start_time=T0)
-
-
-@pytest.fixture
-def module() -> Any:
-    return f.InstrumentModuleFactory(name="LFA")
 
 
 def test_it_answers_an_identical_retry_with_large_floats_in_metadata_as_a_repeat(

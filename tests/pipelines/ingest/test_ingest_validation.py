@@ -24,34 +24,13 @@ from pipelines.services.ingest import (
     raw_data_files_register_bulk,
 )
 from tests import factories as f
-from tests.pipelines.test_ingest import T0, _counts, _file_kwargs
+from tests.pipelines.ingest.conftest import T0
+from tests.pipelines.ingest.test_ingest import _counts, _file_kwargs
 
 pytestmark = pytest.mark.django_db
 
 ObsStatus = ExecutedObsUnit.ObsStatus
 BIGINT_MAX = 2**63 - 1
-
-
-# The same fixtures as in test_ingest.py.
-@pytest.fixture
-def source(tmp_path: Path) -> DataLocation:
-    root = tmp_path / "ccat" / "chai_raw_data"
-    root.mkdir(parents=True)
-    return f.DataLocationFactory(
-        name="chai_raw_data",
-        location_type=DataLocation.LocationType.SOURCE,
-        root_path=str(root),
-    )
-
-
-@pytest.fixture
-def scan() -> ExecutedObsUnit:
-    return f.ExecutedObsUnitFactory(start_time=T0)
-
-
-@pytest.fixture
-def module() -> Any:
-    return f.InstrumentModuleFactory(name="LFA")
 
 
 def _nested(depth: int) -> dict[str, Any]:
