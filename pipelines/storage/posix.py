@@ -140,9 +140,12 @@ class PosixStorage(Storage):
     def size(self, relative_path: str) -> int:
         path = self._path(relative_path)
         try:
-            return path.stat().st_size
+            info = path.stat()
         except OSError as exc:
             self._raise(exc, "look up", relative_path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ObjectNotFound(f"{self.label}: {relative_path!r} is not a file")
+        return info.st_size
 
     def delete(self, relative_path: str) -> None:
         path = self._path(relative_path)

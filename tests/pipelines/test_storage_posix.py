@@ -19,7 +19,7 @@ import pytest
 
 from pipelines.exceptions import NonRetryableError, StorageUnavailable, UnsafePath, is_retryable
 from pipelines.storage import posix
-from pipelines.storage.base import STORAGES, storage_class, storage_for
+from pipelines.storage.base import STORAGES, ObjectNotFound, storage_class, storage_for
 from pipelines.storage.posix import PosixStorage
 from tests.factories import DataLocationFactory, SiteFactory
 
@@ -202,6 +202,8 @@ def test_deleting_a_directory_is_refused(storage: PosixStorage) -> None:
         storage.delete("pkg")
     assert (storage.root / "pkg" / "a.tar").exists()
     assert not storage.exists("pkg")
+    with pytest.raises(ObjectNotFound, match="is not a file"):
+        storage.size("pkg")
 
 
 # --- symlinks ------------------------------------------------------------------------------------
