@@ -249,6 +249,30 @@ class DataTransferFactory(DjangoModelFactory):
     data_transfer_package = factory.SubFactory(DataTransferPackageFactory)
     origin_location = factory.SelfAttribute("data_transfer_package.origin_location")
     destination_location = factory.SubFactory(DataLocationFactory)
+    # Secondary by default: a bundle has one live primary transfer (a database constraint), and
+    # tests often make several transfers of one bundle.
+    is_primary = False
+
+
+class DataTransferRouteFactory(DjangoModelFactory):
+    class Meta:
+        model = m.DataTransferRoute
+
+    name = factory.Sequence(lambda n: f"route{n}")
+    origin_site = factory.SubFactory(SiteFactory)
+    destination_site = factory.SubFactory(SiteFactory)
+
+
+class PrimaryTransferCursorFactory(DjangoModelFactory):
+    class Meta:
+        model = m.PrimaryTransferCursor
+
+    origin_site = factory.SubFactory(SiteFactory)
+    last_route = factory.SubFactory(
+        DataTransferRouteFactory,
+        origin_site=factory.SelfAttribute("..origin_site"),
+        is_primary=True,
+    )
 
 
 class DataTransferLogFactory(DjangoModelFactory):

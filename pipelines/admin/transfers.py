@@ -14,6 +14,7 @@ from pipelines.models import (
     DataTransferRoute,
     DeletionTask,
     LongTermArchiveTransfer,
+    PrimaryTransferCursor,
     StagingJob,
 )
 
@@ -29,12 +30,13 @@ class DataTransferRouteAdmin(OpsModelAdmin):
         "origin_site",
         "destination_site",
         "route_type",
+        "is_primary",
         "relay_site",
         "method",
         "priority",
         "active",
     )
-    list_filter = ("route_type", "active", "origin_site", "destination_site")
+    list_filter = ("route_type", "is_primary", "active", "origin_site", "destination_site")
     search_fields = ("name", "origin_site__short_name", "destination_site__short_name")
     list_select_related = (
         "origin_site",
@@ -44,6 +46,19 @@ class DataTransferRouteAdmin(OpsModelAdmin):
         "destination_location__site",
     )
     ordering = ("origin_site__short_name", "-priority")
+
+
+@admin.register(PrimaryTransferCursor)
+class PrimaryTransferCursorAdmin(OpsModelAdmin):
+    """Where each observatory's round-robin over its primary routes stands. Written only by the
+    transfer manager (under a row lock); shown so an operator can see which archive is next."""
+
+    list_display = ("origin_site", "last_route", "updated_at")
+    list_select_related = ("origin_site", "last_route")
+    readonly_fields = ("origin_site", "last_route", "created_at", "updated_at")
+
+    def has_add_permission(self, request: Any) -> bool:
+        return False
 
 
 class TransferLogInline(ReadOnlyTabularInline):

@@ -232,15 +232,14 @@ SITES: dict[str, tuple[str, str, dict[str, tuple[str, int]]]] = {
     ),
 }  # fmt: skip
 
-# Primary routes carry each package off the mountain once; secondary routes replicate between
-# the archive sites. The route model has no primary flag, so priority says which is which.
-PRIMARY_ROUTE_PRIORITY = 10
-SECONDARY_ROUTE_PRIORITY = 0
-ROUTES: dict[str, tuple[str, str, int]] = {
-    "ccat_to_cologne": ("ccat", "cologne", PRIMARY_ROUTE_PRIORITY),
-    "ccat_to_us": ("ccat", "us", PRIMARY_ROUTE_PRIORITY),
-    "cologne_to_us": ("cologne", "us", SECONDARY_ROUTE_PRIORITY),
-    "us_to_cologne": ("us", "cologne", SECONDARY_ROUTE_PRIORITY),
+# Primary routes carry each package off the mountain once (round-robin over the two archive
+# sites); secondary routes replicate between the archive sites. All go into the destination's
+# buffer and are archived from there. name -> (origin, destination, primary)
+ROUTES: dict[str, tuple[str, str, bool]] = {
+    "ccat_to_cologne": ("ccat", "cologne", True),
+    "ccat_to_us": ("ccat", "us", True),
+    "cologne_to_us": ("cologne", "us", False),
+    "us_to_cologne": ("us", "cologne", False),
 }
 
 # Registry keys of the reduction instruments (reduction.instruments); each gets a scientists group.
@@ -468,7 +467,7 @@ def _load_sites(tally: Tally) -> None:
                     "checksum_algorithm": settings.DEFAULT_CHECKSUM_ALGORITHM,
                 },
             )
-    for name, (origin, destination, priority) in ROUTES.items():
+    for name, (origin, destination, primary) in ROUTES.items():
         _ensure(
             DataTransferRoute,
             tally,
@@ -476,8 +475,9 @@ def _load_sites(tally: Tally) -> None:
             values={
                 "origin_site": sites[origin],
                 "destination_site": sites[destination],
-                "route_type": RT.DIRECT,
-                "priority": priority,
+                "route_type": RT.BUFFERED,
+                "is_primary": primary,
+                "priority": 0,
                 "active": True,
             },
         )

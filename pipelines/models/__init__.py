@@ -36,6 +36,7 @@ from .transfers import (
     DataTransferRoute,
     DeletionTask,
     LongTermArchiveTransfer,
+    PrimaryTransferCursor,
     StagingJob,
 )
 from .workflow import (
@@ -89,6 +90,7 @@ __all__ = [
     "PhysicalCopy",
     "PhysicalCopyStatus",
     "Pipeline",
+    "PrimaryTransferCursor",
     "RawDataFile",
     "RawDataPackage",
     "ReductionSoftware",

@@ -70,6 +70,8 @@ class Phase(NamedTuple):
     retry_field: str
     error_field: str
     requires: dict[str, str]
+    started_field: str = "started_at"
+    finished_field: str = "finished_at"
 
 
 class OperationQuerySet(models.QuerySet[Any]):

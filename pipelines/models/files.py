@@ -102,7 +102,8 @@ _P = PackageState
 PACKAGE_STATE_TRANSITIONS: dict[str, set[str]] = {
     _P.WAITING: {_P.TRANSFERRING, _P.ARCHIVED, _P.FAILED},
     _P.TRANSFERRING: {_P.ARCHIVED, _P.WAITING, _P.FAILED},
-    _P.FAILED: {_P.WAITING},
+    # Failed at one archive, archived at another: the package is archived.
+    _P.FAILED: {_P.WAITING, _P.ARCHIVED},
     _P.ARCHIVED: set(),
 }
 

@@ -20,6 +20,8 @@ from .locations import DataLocation, Site
 
 
 class RouteType(models.TextChoices):
+    # The usual hop: into the destination site's buffer, archived from there.
+    BUFFERED = "buffered", "Buffered (into the destination buffer, archived there)"
     DIRECT = "direct", "Direct (skip destination buffer)"
     RELAY = "relay", "Relay (through an intermediate site)"
     CUSTOM = "custom", "Custom (location to location)"
@@ -31,7 +33,12 @@ class DataTransferRoute(TimeStamped):
     name = models.CharField(max_length=100, unique=True)
     origin_site = models.ForeignKey(Site, on_delete=models.PROTECT, related_name="routes_out")
     destination_site = models.ForeignKey(Site, on_delete=models.PROTECT, related_name="routes_in")
-    route_type = models.CharField(max_length=8, choices=RouteType.choices, default=RouteType.DIRECT)
+    route_type = models.CharField(
+        max_length=8, choices=RouteType.choices, default=RouteType.BUFFERED
+    )
+    # Primary: the one route a package leaves its observatory by (round-robin over the primary
+    # routes of a site); secondary: replication between long-term archive sites.
+    is_primary = models.BooleanField(default=False)
     method = models.CharField(max_length=20, default="copy", help_text="copy, rsync, bbcp, s3")
     origin_location = models.ForeignKey(
         DataLocation, on_delete=models.PROTECT, null=True, blank=True, related_name="routes_out"
@@ -81,7 +88,12 @@ class DataTransfer(Operation):
     PHASES: ClassVar[dict[str, Phase]] = {
         **Operation.PHASES,
         "unpack_status": Phase(
-            "unpack_status", "unpack_retry_count", "unpack_error_message", {"status": "completed"}
+            "unpack_status",
+            "unpack_retry_count",
+            "unpack_error_message",
+            {"status": "completed"},
+            started_field="unpack_started_at",
+            finished_field="unpack_finished_at",
         ),
     }
 
@@ -103,6 +115,8 @@ class DataTransfer(Operation):
     unpack_status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     unpack_retry_count = models.PositiveIntegerField(default=0)
     unpack_error_message = models.TextField(blank=True, default="")
+    unpack_started_at = models.DateTimeField(null=True, blank=True)
+    unpack_finished_at = models.DateTimeField(null=True, blank=True)
     bytes_transferred = models.BigIntegerField(default=0)
 
     class Meta:
@@ -119,6 +133,18 @@ class DataTransfer(Operation):
             models.CheckConstraint(
                 condition=models.Q(unpack_status="pending") | models.Q(status="completed"),
                 name="data_transfer_unpack_after_transfer",
+            ),
+            # Each bundle leaves the observatory once: one primary transfer that is not failed.
+            models.UniqueConstraint(
+                fields=["data_transfer_package"],
+                condition=models.Q(is_primary=True) & ~models.Q(status="failed"),
+                name="data_transfer_one_live_primary",
+            ),
+            # No second copy of a bundle to a destination while one is live.
+            models.UniqueConstraint(
+                fields=["data_transfer_package", "destination_location"],
+                condition=~models.Q(status="failed"),
+                name="data_transfer_one_live_per_destination",
             ),
         ]
         indexes = [
@@ -245,3 +271,22 @@ class DeletionTask(Operation):
 
     def __str__(self) -> str:
         return f"delete copy {self.physical_copy_id}"
+
+
+class PrimaryTransferCursor(TimeStamped):
+    """Where the round-robin over an origin site's primary routes stands (three packages, two
+    archive sites: A, B, A). The transfer manager locks this row to pick the next route, so two
+    managers ticking at once still alternate instead of both choosing A."""
+
+    origin_site = models.OneToOneField(
+        Site, on_delete=models.CASCADE, primary_key=True, related_name="primary_transfer_cursor"
+    )
+    last_route = models.ForeignKey(
+        DataTransferRoute, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+
+    class Meta:
+        db_table = "primary_transfer_cursor"
+
+    def __str__(self) -> str:
+        return f"round-robin of {self.origin_site_id}: last {self.last_route_id}"

@@ -157,7 +157,7 @@ def operation_start(
         updates={
             "lease_owner": owner[:200],
             "lease_expires_at": lease_expiry(lease_seconds),
-            "started_at": timezone.now(),
+            row.PHASES[field].started_field: timezone.now(),
         },
     )
 
@@ -202,7 +202,11 @@ def operation_complete(
         reason=reason,
         expected=Status.IN_PROGRESS,
         where=_held(token, field, Status.IN_PROGRESS),
-        updates={**_CLEAR_LEASE, "finished_at": timezone.now(), **(updates or {})},
+        updates={
+            **_CLEAR_LEASE,
+            row.PHASES[field].finished_field: timezone.now(),
+            **(updates or {}),
+        },
     )
 
 
@@ -338,9 +342,11 @@ def _settle(
     if retryable:
         message = f"{message} (gave up after {used} retries)"
     with transaction.atomic():
-        updates: dict[str, Any] = {**_CLEAR_LEASE, phase.error_field: message}
-        if field == "status":
-            updates["finished_at"] = timezone.now()
+        updates: dict[str, Any] = {
+            **_CLEAR_LEASE,
+            phase.error_field: message,
+            phase.finished_field: timezone.now(),
+        }
         transition(
             row,
             Status.FAILED,

@@ -358,7 +358,7 @@ def _add_file(
             )
 
 
-def packaging_manager_tick(*, owner: str, limit: int = 100) -> dict[str, int]:
+def packaging_manager_tick(*, owner: str, limit: int = 500) -> dict[str, int]:
     """One manager tick: plan new packages, claim up to ``limit`` pending ones and enqueue one
     build task per claimed row on the raw_data_package_creation queue of its source location,
     after the claim committed. Returns counts for the log and the runner."""

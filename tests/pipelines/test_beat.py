@@ -12,7 +12,9 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from pipelines.beat import Scheduler
 from workflow_site.celery import app
 
-pytestmark = pytest.mark.django_db
+# The scheduler calls close_old_connections(), which closes a connection left inside a test
+# transaction on PostgreSQL: these tests run with real commits, like beat itself.
+pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def start_beat() -> Scheduler:
@@ -25,6 +27,7 @@ def test_the_project_uses_the_scheduler_that_keeps_operator_changes() -> None:
 
 
 def test_every_declared_manager_becomes_a_periodic_task_of_a_registered_task() -> None:
+    app.loader.import_default_modules()  # what a worker does at start: autodiscover the tasks
     start_beat()
     for name, entry in settings.CELERY_BEAT_SCHEDULE.items():
         row = PeriodicTask.objects.get(name=name)
