@@ -13,11 +13,8 @@ Two steps, both safe to repeat:
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
 import re
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +36,7 @@ from pipelines.models import (
     RawDataPackage,
 )
 from pipelines.storage.paths import safe_join
-from pipelines.storage.streams import HashingReader, HashingWriter
+from pipelines.storage.tars import Member, MemberCorrupt, write_tar
 
 from .operations import (
     LeaseKeeper,
@@ -58,14 +55,12 @@ ObsStatus = ExecutedObsUnit.ObsStatus
 # known bad and stay out of the archive.
 PACKAGEABLE_SCAN_STATUSES = (ObsStatus.COMPLETED, ObsStatus.ABORTED)
 PACKAGE_DIR = "raw_data_packages"
-# Bytes per read while tarring: large enough that Python overhead is negligible next to the I/O.
-COPY_BUFFER = 4 * 1024 * 1024
 LT = DataLocation.LocationType
 
 
-class SourceFileCorrupt(NonRetryableError):
-    """A raw file no longer matches the checksum registered at ingest: it rotted or was
-    overwritten. Trying again reads the same bytes."""
+# A raw file no longer matches the checksum registered at ingest (it rotted or was overwritten):
+# not retryable, the same bytes would be read again.
+SourceFileCorrupt = MemberCorrupt
 
 
 def get_unpackaged_raw_data_files(
@@ -293,69 +288,31 @@ def _write_tar(
     keeper: LeaseKeeper,
     token: str,
 ) -> tuple[str, int]:
-    """Write the tar to a temporary name next to ``target``, then rename it into place. Returns
-    (checksum, size) of the tar as written."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A worker killed mid-tar leaves its partial file behind; this claim holds the package
-    # exclusively now, so any partial of an earlier claim is garbage.
-    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
-        stale.unlink(missing_ok=True)
-    partial = target.with_name(f".{target.name}.{token[:12]}.partial")
-    files = list(
+    """The package's tar at ``target``: (checksum, size) as written (``write_tar``)."""
+    files = (
         RawDataFile.objects.filter(raw_data_package=package)
         .order_by("relative_path")
         .only("pk", "relative_path", "size", "checksum", "checksum_algorithm")
     )
-    try:
-        with open(partial, "wb") as raw:
-            out = HashingWriter(raw, algorithm)
-            with tarfile.TarFile(
-                fileobj=out,  # type: ignore[arg-type]
-                mode="w",
-                format=tarfile.PAX_FORMAT,
-                copybufsize=COPY_BUFFER,
-            ) as tar:
-                for index, member in enumerate(files):
-                    _add_file(tar, member, source, keeper)
-                    if index == 0:
-                        pause_point("packaging.mid_tar")
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(partial, target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    return out.hexdigest(), out.size
-
-
-def _add_file(
-    tar: tarfile.TarFile, member: RawDataFile, source: DataLocation, keeper: LeaseKeeper
-) -> None:
-    path = safe_join(source.root_path, member.relative_path)
-    try:
-        handle = open(path, "rb")  # noqa: SIM115 - closed below, after the size check
-    except FileNotFoundError as exc:
-        raise SourceFileCorrupt(
-            f"raw file {member.relative_path} is missing at {source} ({path})"
-        ) from exc
-    with handle:
-        stat = os.fstat(handle.fileno())
-        if stat.st_size != member.size:
-            raise SourceFileCorrupt(
-                f"raw file {member.relative_path} is {stat.st_size} bytes at {source}, "
-                f"registered as {member.size}"
-            )
-        info = tar.gettarinfo(arcname=member.relative_path, fileobj=handle)
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        reader = HashingReader(handle, member.checksum_algorithm, on_chunk=keeper.check)
-        tar.addfile(info, fileobj=reader)
-        if reader.size != member.size or reader.hexdigest() != member.checksum:
-            raise SourceFileCorrupt(
-                f"raw file {member.relative_path} at {source} does not match the checksum "
-                f"registered at ingest ({member.checksum_algorithm} {member.checksum[:16]}..., "
-                f"read {reader.hexdigest()[:16]}...): it changed after ingest"
-            )
+    members = (
+        Member(
+            arcname=f.relative_path,
+            path=safe_join(source.root_path, f.relative_path),
+            size=f.size,
+            checksum=f.checksum,
+            algorithm=f.checksum_algorithm,
+            what=f"raw file at {source}:",
+        )
+        for f in files
+    )
+    return write_tar(
+        target,
+        members,
+        algorithm=algorithm,
+        claim=token,
+        check=keeper.check,
+        after_first=lambda: pause_point("packaging.mid_tar"),
+    )
 
 
 def packaging_manager_tick(*, owner: str, limit: int = 500) -> dict[str, int]:

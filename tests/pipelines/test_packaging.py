@@ -235,7 +235,7 @@ def test_a_file_that_rotted_after_ingest_fails_the_package_and_leaves_no_tar(
     claim = operation_claim_batch(RawDataPackage, owner="m", limit=1)
 
     with pytest.raises(
-        SourceFileCorrupt, match=r"raw/b\.dat .*checksum registered at ingest"
+        SourceFileCorrupt, match=r"raw/b\.dat does not match its registered checksum"
     ) as info:
         raw_data_package_build(package.pk, token=claim.token, owner="w")
     build_raw_data_package.on_failure(
@@ -346,7 +346,7 @@ def test_the_io_error_of_a_full_buffer_is_retryable(facility: Facility, monkeypa
     def no_space(*args: Any, **kwargs: Any) -> Any:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("pipelines.services.packaging.open", no_space, raising=False)
+    monkeypatch.setattr("pipelines.storage.tars.open", no_space, raising=False)
     with pytest.raises(OSError) as info:
         claim_and_build(RawDataPackage.objects.get())
     assert is_retryable(info.value)
