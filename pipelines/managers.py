@@ -13,6 +13,10 @@ from django.utils.module_loading import import_string
 
 MANAGERS: dict[str, str] = {
     "packaging": "pipelines.services.packaging.packaging_manager_tick",
+    "bundling": "pipelines.services.transfers.bundling_manager_tick",
+    "transfer": "pipelines.services.transfers.transfer_manager_tick",
+    "unpack": "pipelines.services.transfers.unpack_manager_tick",
+    "archive": "pipelines.services.archive.archive_manager_tick",
 }
 
 

@@ -17,7 +17,13 @@ from celery import Task, shared_task
 from celery.signals import worker_ready, worker_shutdown
 
 from pipelines.exceptions import is_retryable
-from pipelines.models import Operation, RawDataPackage
+from pipelines.models import (
+    DataTransfer,
+    DataTransferPackage,
+    LongTermArchiveTransfer,
+    Operation,
+    RawDataPackage,
+)
 from pipelines.services.operations import operation_fail
 
 log = logging.getLogger(__name__)
@@ -179,9 +185,7 @@ def recover_expired_leases() -> dict[str, int]:
 @shared_task(name="pipelines.tasks.run_packaging_manager")
 def run_packaging_manager() -> dict[str, int]:
     """Periodic: plan packages for the files of finished scans, claim due ones, dispatch builds."""
-    from pipelines.managers import manager_tick
-
-    return manager_tick("packaging", owner=worker_identity())
+    return _manager("packaging")
 
 
 @shared_task(
@@ -206,6 +210,113 @@ def build_raw_data_package(
         log.info("%s: %s", self.name, exc)
         return {"id": raw_data_package_id, "done": False, "reason": str(exc)}
     return {"id": package.pk, "done": True, "checksum": package.checksum, "size": package.size}
+
+
+# --- the data path: bundles, transfers, unpacking, long-term archive -----------------------------
+def _manager(name: str) -> dict[str, int]:
+    from pipelines.managers import manager_tick
+
+    return manager_tick(name, owner=worker_identity())
+
+
+def _claimed(self: OperationTask, run: Any, row_id: int, token: str) -> dict[str, Any]:
+    """Run a claimed row's service; a redelivered task whose claim no longer holds the row
+    does nothing."""
+    from pipelines.services.operations import ClaimLost
+
+    try:
+        run(row_id, token=token, owner=worker_identity())
+    except ClaimLost as exc:
+        log.info("%s: %s", self.name, exc)
+        return {"id": row_id, "done": False, "reason": str(exc)}
+    return {"id": row_id, "done": True}
+
+
+@shared_task(name="pipelines.tasks.run_bundling_manager")
+def run_bundling_manager() -> dict[str, int]:
+    """Periodic: bundle WAITING packages at the observatories, dispatch the bundle builds."""
+    return _manager("bundling")
+
+
+@shared_task(name="pipelines.tasks.run_transfer_manager")
+def run_transfer_manager() -> dict[str, int]:
+    """Periodic: create due transfers (primary round-robin, secondary onward), dispatch them."""
+    return _manager("transfer")
+
+
+@shared_task(name="pipelines.tasks.run_unpack_manager")
+def run_unpack_manager() -> dict[str, int]:
+    """Periodic: dispatch the unpacking of arrived bundles."""
+    return _manager("unpack")
+
+
+@shared_task(name="pipelines.tasks.run_archive_manager")
+def run_archive_manager() -> dict[str, int]:
+    """Periodic: plan and dispatch long-term archive transfers (seed 003's manager)."""
+    return _manager("archive")
+
+
+@shared_task(
+    base=OperationTask,
+    bind=True,
+    name="pipelines.tasks.build_data_transfer_package",
+    operation_model=DataTransferPackage,
+)
+def build_data_transfer_package(
+    self: OperationTask, data_transfer_package_id: int, claim_token: str = ""
+) -> dict[str, Any]:
+    """Worker: tar one claimed bundle of package tars in its buffer."""
+    from pipelines.services.transfers import data_transfer_package_build
+
+    return _claimed(self, data_transfer_package_build, data_transfer_package_id, claim_token)
+
+
+@shared_task(
+    base=OperationTask,
+    bind=True,
+    name="pipelines.tasks.transfer_data_transfer_package",
+    operation_model=DataTransfer,
+)
+def transfer_data_transfer_package(
+    self: OperationTask, data_transfer_id: int, claim_token: str = ""
+) -> dict[str, Any]:
+    """Worker: copy one claimed transfer's bundle and read it back at the destination."""
+    from pipelines.services.transfers import data_transfer_copy
+
+    return _claimed(self, data_transfer_copy, data_transfer_id, claim_token)
+
+
+@shared_task(
+    base=OperationTask,
+    bind=True,
+    name="pipelines.tasks.unpack_data_transfer",
+    operation_model=DataTransfer,
+    state_field="unpack_status",
+)
+def unpack_data_transfer(
+    self: OperationTask, data_transfer_id: int, claim_token: str = ""
+) -> dict[str, Any]:
+    """Worker: unpack one arrived bundle, verifying every package in it."""
+    from pipelines.services.transfers import data_transfer_unpack
+
+    return _claimed(self, data_transfer_unpack, data_transfer_id, claim_token)
+
+
+@shared_task(
+    base=OperationTask,
+    bind=True,
+    name="pipelines.tasks.send_data_to_long_term_archive",
+    operation_model=LongTermArchiveTransfer,
+)
+def send_data_to_long_term_archive(
+    self: OperationTask, long_term_archive_transfer_id: int, claim_token: str = ""
+) -> dict[str, Any]:
+    """Worker (seed 003): archive one package and verify it by reading it back."""
+    from pipelines.services.archive import long_term_archive_transfer_run
+
+    return _claimed(
+        self, long_term_archive_transfer_run, long_term_archive_transfer_id, claim_token
+    )
 
 
 # --- worker heartbeats ---------------------------------------------------------------------------

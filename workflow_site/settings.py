@@ -206,6 +206,26 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
         "task": "pipelines.tasks.run_packaging_manager",
         "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
     },
+    # Every WORKFLOW_MANAGER_INTERVAL: bundle waiting packages at the observatories.
+    "run-bundling-manager": {
+        "task": "pipelines.tasks.run_bundling_manager",
+        "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
+    },
+    # Every WORKFLOW_MANAGER_INTERVAL: send bundles along their routes.
+    "run-transfer-manager": {
+        "task": "pipelines.tasks.run_transfer_manager",
+        "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
+    },
+    # Every WORKFLOW_MANAGER_INTERVAL: unpack bundles that arrived.
+    "run-unpack-manager": {
+        "task": "pipelines.tasks.run_unpack_manager",
+        "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
+    },
+    # Every WORKFLOW_MANAGER_INTERVAL: archive packages at the archive sites.
+    "run-archive-manager": {
+        "task": "pipelines.tasks.run_archive_manager",
+        "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
+    },
 }
 
 # --- Facility -----------------------------------------------------------------------------------
@@ -213,6 +233,10 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
 FACILITY_DATA_ROOT = env_path("FACILITY_DATA_ROOT", VAR_DIR / "data")
 # Raw data packages are split so that none exceeds this many bytes (ops-db: 50 GB).
 RAW_DATA_PACKAGE_MAX_BYTES = env_int("RAW_DATA_PACKAGE_MAX_BYTES", 50 * 1000**3, minimum=1)
+# Transfer bundles (tars of package tars sent over the long-haul link) stay under this size.
+DATA_TRANSFER_PACKAGE_MAX_BYTES = env_int(
+    "DATA_TRANSFER_PACKAGE_MAX_BYTES", 200 * 1000**3, minimum=1
+)
 DEFAULT_CHECKSUM_ALGORITHM = env_choice(
     "DEFAULT_CHECKSUM_ALGORITHM", ("sha256", "xxh3_128"), "sha256"
 )

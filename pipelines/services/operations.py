@@ -18,6 +18,7 @@ import contextlib
 import functools
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -109,6 +110,44 @@ def operation_dispatch(task: Any, token: str, queues: dict[int, str]) -> None:
     when its lease expires."""
     for pk, queue in queues.items():
         transaction.on_commit(functools.partial(_enqueue, task, pk, token, queue))
+
+
+def operation_claim_and_dispatch(
+    model: type[Operation],
+    task: Any,
+    *,
+    owner: str,
+    queue_of: Callable[[Any], str],
+    field: str = "status",
+    limit: int = 500,
+    queryset: Any = None,
+    select_related: tuple[str, ...] = (),
+) -> int:
+    """The second half of every manager tick: claim up to ``limit`` due rows
+    (``operation_claim_batch``) and enqueue ``task`` for each on ``queue_of(row)`` after the
+    claim commits. A row whose queue cannot be named (``ValueError``, ``NonRetryableError``:
+    an operation its location does not do, a missing location) fails at once with that
+    message instead of waiting for its lease. Returns the number of rows claimed."""
+    from pipelines.exceptions import NonRetryableError
+
+    claim = operation_claim_batch(model, owner=owner, limit=limit, field=field, queryset=queryset)
+    rows = model._default_manager.filter(pk__in=claim.ids).select_related(*select_related)
+    queues: dict[int, str] = {}
+    for row in rows:
+        try:
+            queues[row.pk] = queue_of(row)
+        except (NonRetryableError, ValueError) as exc:
+            operation_fail(
+                model,
+                row.pk,
+                token=claim.token,
+                message=f"cannot dispatch: {exc}",
+                actor=f"manager:{owner}",
+                retryable=False,
+                field=field,
+            )
+    operation_dispatch(task, claim.token, queues)
+    return len(claim.ids)
 
 
 def _enqueue(task: Any, pk: int, token: str, queue: str) -> None:
