@@ -15,8 +15,14 @@ from tests.subprocesses import manage, python
 REPORT = """
 import json
 from pipelines.models import PhysicalCopy, RawDataFile, RawDataPackage
-packages = list(RawDataPackage.objects.values("status", "state", "relative_path", "checksum",
-                                             "origin_location__root_path", "file_count"))
+packages = list(RawDataPackage.objects.values("id", "status", "state", "relative_path",
+                                             "checksum", "origin_location__root_path",
+                                             "file_count"))
+for package in packages:
+    package["verified_at"] = sorted(
+        PhysicalCopy.objects.filter(raw_data_package_id=package["id"], status="present",
+                                    integrity="verified")
+        .values_list("location__site__short_name", "location__name"))
 print(json.dumps({
     "packages": packages,
     "unpackaged": RawDataFile.objects.filter(raw_data_package__isnull=True).count(),
@@ -39,13 +45,20 @@ def facility(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return var
 
 
-def test_the_demo_packages_every_scan_into_the_observatory_buffer(facility: Path) -> None:
+def test_the_demo_archives_every_scan_at_both_archive_sites(facility: Path) -> None:
     state = json.loads(python(facility, REPORT))
     assert state["unpackaged"] == 0 and state["files"] > 0
-    assert state["packages"] and state["copies"] == len(state["packages"])
     assert sum(p["file_count"] for p in state["packages"]) == state["files"]
     for package in state["packages"]:
-        assert (package["status"], package["state"]) == ("completed", "waiting")
+        assert (package["status"], package["state"]) == ("completed", "archived")
+        # The observatory buffer, each archive site's buffer and its long-term archive.
+        assert package["verified_at"] == [
+            ["ccat", "buffer"],
+            ["cologne", "buffer"],
+            ["cologne", "lta"],
+            ["us", "buffer"],
+            ["us", "lta"],
+        ]
         assert package["origin_location__root_path"].endswith("/buffer")
         tar_path = Path(package["origin_location__root_path"]) / package["relative_path"]
         with tarfile.open(tar_path) as tar:
@@ -76,7 +89,7 @@ def test_facility_run_picks_up_new_scans(facility: Path) -> None:
     assert result.returncode == 0, result.stderr + result.stdout
     state = json.loads(python(facility, REPORT))
     assert state["unpackaged"] == 0
-    assert all(p["status"] == "completed" for p in state["packages"])
+    assert all(p["state"] == "archived" for p in state["packages"])
 
 
 def test_facility_run_with_a_timeout_exits_1_listing_what_is_left(facility: Path) -> None:

@@ -1,0 +1,329 @@
+"""The data path from the observatory buffer to two archive sites: bundling, transfers along
+primary and secondary routes, unpacking, long-term archive. Named after behaviours 11 and 19-25
+of the ops-db brief. Managers are ticked in this process; the tasks they enqueue are called
+directly (their ``run``) instead of going through a broker."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipelines import tasks
+from pipelines.exceptions import ChecksumMismatch
+from pipelines.managers import MANAGERS, manager_tick
+from pipelines.models import (
+    DataLocation,
+    DataTransfer,
+    DataTransferPackage,
+    DataTransferRoute,
+    ExecutedObsUnit,
+    LongTermArchiveTransfer,
+    PackageState,
+    PhysicalCopy,
+    RawDataPackage,
+    StateEvent,
+    Status,
+)
+from pipelines.services import transfers
+from pipelines.services.transfers import route_destination
+from tests import factories as f
+
+pytestmark = pytest.mark.django_db
+LT = DataLocation.LocationType
+WORKER_TASKS = (
+    tasks.build_raw_data_package,
+    tasks.build_data_transfer_package,
+    tasks.transfer_data_transfer_package,
+    tasks.unpack_data_transfer,
+    tasks.send_data_to_long_term_archive,
+)
+
+
+class Facility:
+    """An observatory (``ccat``: instrument SOURCE and buffer) and two archive sites
+    (``cologne``, ``us``: buffer and long-term archive), on disk under ``root``."""
+
+    def __init__(self, root: Path, monkeypatch: Any, on_commit: Any) -> None:
+        self.root = root
+        # The test's transaction never commits: run what a commit would start, per tick.
+        self.on_commit = on_commit
+        self.ccat = f.SiteFactory(short_name="ccat")
+        self.source = self.location(self.ccat, "instrument", LT.SOURCE)
+        self.location(self.ccat, "buffer", LT.BUFFER)
+        self.sites = {}
+        for name in ("cologne", "us"):
+            site = f.SiteFactory(short_name=name)
+            self.location(site, "buffer", LT.BUFFER)
+            self.location(site, "lta", LT.LONG_TERM_ARCHIVE)
+            self.sites[name] = site
+        for name in ("cologne", "us"):
+            DataTransferRoute.objects.create(
+                name=f"ccat_to_{name}",
+                origin_site=self.ccat,
+                destination_site=self.sites[name],
+                is_primary=True,
+            )
+        DataTransferRoute.objects.create(
+            name="cologne_to_us",
+            origin_site=self.sites["cologne"],
+            destination_site=self.sites["us"],
+        )
+        DataTransferRoute.objects.create(
+            name="us_to_cologne",
+            origin_site=self.sites["us"],
+            destination_site=self.sites["cologne"],
+        )
+        self.module = f.InstrumentModuleFactory(name="lfa")
+        self.failures: list[BaseException] = []
+        # Enqueued tasks run here and now, their failures reported as a worker would.
+        for task in WORKER_TASKS:
+            monkeypatch.setattr(task, "apply_async", self._runner(task))
+
+    def _runner(self, task: Any) -> Any:
+        def apply_async(args: list[Any], kwargs: dict[str, Any], queue: str) -> None:
+            try:
+                task.run(*args, **kwargs)
+            except Exception as exc:
+                self.failures.append(exc)
+                task.on_failure(exc, "task-id", tuple(args), kwargs, None)
+
+        return apply_async
+
+    def location(self, site: Any, name: str, kind: str) -> DataLocation:
+        location: DataLocation = f.DataLocationFactory(
+            site=site, name=name, location_type=kind, root_path=self.root / site.short_name / name
+        )
+        Path(location.root_path).mkdir(parents=True)
+        return location
+
+    def at(self, site: str, name: str) -> DataLocation:
+        return DataLocation.objects.get(site__short_name=site, name=name)
+
+    def scan(self, files: int = 2) -> ExecutedObsUnit:
+        scan: ExecutedObsUnit = f.ExecutedObsUnitFactory(status="completed")
+        for i in range(files):
+            data = f"{scan.pk}-{i}".encode() * 100
+            relative = f"raw/{scan.pk}/{i}.dat"
+            path = Path(self.source.root_path) / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            f.RawDataFileFactory(
+                relative_path=relative,
+                size=len(data),
+                checksum=hashlib.sha256(data).hexdigest(),
+                executed_obs_unit=scan,
+                instrument_module=self.module,
+                source_location=self.source,
+            )
+        return scan
+
+    def tick(self, *names: str) -> None:
+        for name in names or tuple(MANAGERS):
+            with self.on_commit(execute=True):
+                manager_tick(name, owner="test")
+
+    def run_until_idle(self, rounds: int = 30) -> None:
+        for _ in range(rounds):
+            before = _fingerprint()
+            self.tick()
+            if _fingerprint() == before:
+                return
+        raise AssertionError("the data path did not settle")
+
+
+def _fingerprint() -> tuple[int, int]:
+    return StateEvent.objects.count(), PhysicalCopy.objects.count()
+
+
+@pytest.fixture
+def facility(tmp_path: Path, monkeypatch: Any, django_capture_on_commit_callbacks: Any) -> Any:
+    return Facility(tmp_path, monkeypatch, django_capture_on_commit_callbacks)
+
+
+def _archive_sites(package: RawDataPackage) -> set[str]:
+    return set(
+        PhysicalCopy.objects.filter(
+            raw_data_package=package,
+            location__location_type=LT.LONG_TERM_ARCHIVE,
+            status="present",
+            integrity="verified",
+        ).values_list("location__site__short_name", flat=True)
+    )
+
+
+def test_every_package_ends_archived_with_verified_copies_at_both_archive_sites(
+    facility: Facility,
+) -> None:
+    for _ in range(3):
+        facility.scan()
+    facility.run_until_idle()
+
+    assert facility.failures == []
+    packages = list(RawDataPackage.objects.all())
+    assert len(packages) == 3
+    for package in packages:
+        assert package.state == PackageState.ARCHIVED and package.archived_at is not None
+        assert _archive_sites(package) == {"cologne", "us"}
+        for copy in PhysicalCopy.objects.filter(raw_data_package=package):
+            stored = Path(copy.location.root_path) / copy.relative_path
+            assert hashlib.sha256(stored.read_bytes()).hexdigest() == package.checksum
+    # Nothing left claimed or pending anywhere.
+    for model in (DataTransferPackage, DataTransfer, LongTermArchiveTransfer):
+        assert not model.objects.exclude(status=Status.COMPLETED).exists()
+    assert not DataTransfer.objects.exclude(unpack_status=Status.COMPLETED).exists()
+
+
+def test_behaviour_11_a_package_waits_until_it_joins_a_bundle_then_it_is_transferring(
+    facility: Facility,
+) -> None:
+    facility.scan()
+    facility.tick("packaging")
+    package = RawDataPackage.objects.get()
+    assert (package.status, package.state) == (Status.COMPLETED, PackageState.WAITING)
+    facility.tick("bundling")
+    package.refresh_from_db()
+    assert package.state == PackageState.TRANSFERRING
+    assert package.data_transfer_package is not None
+    [event] = StateEvent.objects.for_object(package).filter(field="state")
+    assert (event.from_state, event.to_state) == ("waiting", "transferring")
+
+
+def test_behaviours_20_23_24_each_bundle_leaves_once_round_robin_then_goes_on_between_archives(
+    facility: Facility,
+) -> None:
+    for _ in range(3):
+        facility.scan()
+        facility.tick("packaging", "bundling")
+    facility.run_until_idle()
+
+    primaries = DataTransfer.objects.filter(is_primary=True).order_by("pk")
+    assert [t.destination_location.site.short_name for t in primaries] == [
+        "cologne",
+        "us",
+        "cologne",
+    ]
+    for bundle in DataTransferPackage.objects.all():
+        legs = {
+            (
+                t.is_primary,
+                t.origin_location.site.short_name,
+                t.destination_location.site.short_name,
+            )
+            for t in bundle.transfers.all()
+        }
+        # One departure from the observatory, one onward copy between the archive sites.
+        assert len([leg for leg in legs if leg[0]]) == 1
+        assert len(legs) == 2
+        assert {leg[2] for leg in legs} == {"cologne", "us"}
+        assert all(leg[1] != "ccat" for leg in legs if not leg[0])
+
+
+def test_behaviour_19_a_package_is_archived_only_after_its_archive_copy_reads_back_right(
+    facility: Facility, monkeypatch: Any
+) -> None:
+    facility.scan()
+    from pipelines.storage.posix import PosixStorage
+
+    real = PosixStorage.checksum
+    broken = {"left": 1}
+
+    def rotten_on_the_way_in(self: Any, path: str, algorithm: str) -> tuple[str, int]:
+        digest, size = real(self, path, algorithm)
+        if self.label.endswith(":lta") and broken["left"]:
+            broken["left"] -= 1
+            return "0" * len(digest), size
+        return digest, size
+
+    monkeypatch.setattr(PosixStorage, "checksum", rotten_on_the_way_in)
+    facility.run_until_idle()
+
+    [mismatch] = [e for e in facility.failures if isinstance(e, ChecksumMismatch)]
+    assert "the archived object was removed" in str(mismatch)
+    package = RawDataPackage.objects.get()
+    # The bad archive write was retried and the package archived only by the good one.
+    assert package.state == PackageState.ARCHIVED
+    assert LongTermArchiveTransfer.objects.filter(retry_count=1).count() == 1
+    assert _archive_sites(package) == {"cologne", "us"}
+
+
+def test_behaviours_21_22_an_unpack_mismatch_registers_no_copy_and_is_retried_not_recopied(
+    facility: Facility, monkeypatch: Any
+) -> None:
+    facility.scan()
+    facility.tick("packaging", "bundling", "transfer")
+    [transfer] = DataTransfer.objects.all()
+    assert transfer.status == Status.COMPLETED
+    package = RawDataPackage.objects.get()
+    real = RawDataPackage.objects.get(pk=package.pk).checksum
+    # The registered checksum disagrees with what arrived (as if a byte flipped before bundling).
+    RawDataPackage.objects.filter(pk=package.pk).update(checksum="f" * 64)
+
+    facility.tick("unpack")
+
+    transfer.refresh_from_db()
+    assert (transfer.status, transfer.unpack_status) == (Status.COMPLETED, Status.PENDING)
+    assert (transfer.retry_count, transfer.unpack_retry_count) == (0, 1)
+    assert "hashes to" in transfer.unpack_error_message
+    here = transfer.destination_location
+    assert not PhysicalCopy.objects.filter(raw_data_package=package, location=here).exists()
+    assert not (Path(here.root_path) / package.relative_path).exists()
+
+    RawDataPackage.objects.filter(pk=package.pk).update(checksum=real)
+    facility.tick("unpack")
+    transfer.refresh_from_db()
+    assert transfer.unpack_status == Status.COMPLETED
+    assert DataTransfer.objects.count() == 1  # retried without copying again
+    assert PhysicalCopy.objects.get(raw_data_package=package, location=here).integrity == "verified"
+
+
+def test_a_byte_flipped_in_transit_registers_no_copy_and_the_transfer_is_retried(
+    facility: Facility, monkeypatch: Any
+) -> None:
+    facility.scan()
+    facility.tick("packaging", "bundling")
+    real_copy = transfers.copy
+    flips = {"left": 1}
+
+    def flipping_copy(source: Any, path: str, target: Any, dest: str, **kw: Any) -> Any:
+        result = real_copy(source, path, target, dest, **kw)
+        if flips["left"]:
+            flips["left"] -= 1
+            stored = Path(target.root) / dest if hasattr(target, "root") else None
+            assert stored is not None
+            data = bytearray(stored.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            stored.write_bytes(bytes(data))
+        return result
+
+    monkeypatch.setattr(transfers, "copy", flipping_copy)
+    facility.tick("transfer")
+
+    [transfer] = DataTransfer.objects.all()
+    assert (transfer.status, transfer.retry_count) == (Status.PENDING, 1)
+    assert "reads back as" in transfer.failure_error_message
+    bundle = transfer.data_transfer_package
+    assert not PhysicalCopy.objects.filter(
+        data_transfer_package=bundle, location=transfer.destination_location
+    ).exists()
+    facility.run_until_idle()
+    transfer.refresh_from_db()
+    assert (transfer.status, transfer.retry_count) == (Status.COMPLETED, 1)
+    assert RawDataPackage.objects.get().state == PackageState.ARCHIVED
+
+
+def test_behaviour_25_an_explicit_destination_location_wins_over_the_discovered_one(
+    facility: Facility,
+) -> None:
+    route = DataTransferRoute.objects.get(name="ccat_to_cologne")
+    assert route_destination(route) == facility.at("cologne", "buffer")
+    spare = facility.location(facility.sites["cologne"], "spare", LT.BUFFER)
+    DataTransferRoute.objects.filter(pk=route.pk).update(destination_location=spare)
+    route.refresh_from_db()
+    assert route_destination(route) == spare
+    # A DIRECT route skips the destination buffer: it delivers into the archive.
+    direct = DataTransferRoute.objects.get(name="cologne_to_us")
+    direct.route_type = DataTransferRoute.RouteType.DIRECT
+    assert route_destination(direct) == facility.at("us", "lta")
