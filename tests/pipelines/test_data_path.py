@@ -30,7 +30,9 @@ from pipelines.models import (
 from pipelines.services import transfers
 from pipelines.services.transfers import route_destination
 from tests import factories as f
+from tests.pipelines.test_storage_contract import moto_endpoint, new_bucket, raw_s3_client
 
+__all__ = ["moto_endpoint"]  # a fixture, used by name
 pytestmark = pytest.mark.django_db
 LT = DataLocation.LocationType
 WORKER_TASKS = (
@@ -327,3 +329,36 @@ def test_behaviour_25_an_explicit_destination_location_wins_over_the_discovered_
     direct = DataTransferRoute.objects.get(name="cologne_to_us")
     direct.route_type = DataTransferRoute.RouteType.DIRECT
     assert route_destination(direct) == facility.at("us", "lta")
+
+
+def test_behaviour_33_an_archive_on_s3_gets_verified_copies_with_credentials_from_the_environment(
+    facility: Facility, monkeypatch: Any, moto_endpoint: str
+) -> None:
+    key_id, secret = "AKIADATAPATHTEST", "data-path-secret-never-in-the-database"
+    bucket = new_bucket(moto_endpoint)
+    DataLocation.objects.filter(site__short_name="us", name="lta").update(
+        storage_type=DataLocation.StorageType.S3,
+        root_path="",
+        s3_endpoint_url=moto_endpoint,
+        s3_bucket=bucket,
+        s3_region="us-east-1",
+        s3_prefix="ccat",
+    )
+    monkeypatch.setenv("WORKFLOW_S3_US_LTA_ACCESS_KEY_ID", key_id)
+    monkeypatch.setenv("WORKFLOW_S3_US_LTA_SECRET_ACCESS_KEY", secret)
+    facility.scan()
+
+    facility.run_until_idle()
+
+    assert facility.failures == []
+    package = RawDataPackage.objects.get()
+    assert package.state == PackageState.ARCHIVED
+    assert _archive_sites(package) == {"cologne", "us"}
+    stored = (
+        raw_s3_client(moto_endpoint)
+        .get_object(Bucket=bucket, Key=f"ccat/{package.relative_path}")["Body"]
+        .read()
+    )
+    assert hashlib.sha256(stored).hexdigest() == package.checksum
+    for row in DataLocation.objects.values():
+        assert secret not in str(row) and key_id not in str(row)
