@@ -17,6 +17,7 @@ MANAGERS: dict[str, str] = {
     "transfer": "pipelines.services.transfers.transfer_manager_tick",
     "unpack": "pipelines.services.transfers.unpack_manager_tick",
     "archive": "pipelines.services.archive.archive_manager_tick",
+    "staging": "pipelines.services.staging.staging_manager_tick",
 }
 
 

@@ -23,6 +23,7 @@ from pipelines.models import (
     LongTermArchiveTransfer,
     Operation,
     RawDataPackage,
+    StagingJob,
 )
 from pipelines.services.operations import operation_fail
 
@@ -317,6 +318,27 @@ def send_data_to_long_term_archive(
     return _claimed(
         self, long_term_archive_transfer_run, long_term_archive_transfer_id, claim_token
     )
+
+
+@shared_task(name="pipelines.tasks.process_staging_jobs")
+def process_staging_jobs(verbose: bool = False) -> dict[str, int]:
+    """Periodic (seed 002): dispatch pending staging jobs to their destination's queue."""
+    return _manager("staging")
+
+
+@shared_task(
+    base=OperationTask,
+    bind=True,
+    name="pipelines.tasks.stage_data_task",
+    operation_model=StagingJob,
+)
+def stage_data_task(
+    self: OperationTask, staging_job_id: int, claim_token: str = ""
+) -> dict[str, Any]:
+    """Worker (seed 002): stage one job's packages to its PROCESSING location."""
+    from pipelines.services.staging import staging_job_run
+
+    return _claimed(self, staging_job_run, staging_job_id, claim_token)
 
 
 # --- worker heartbeats ---------------------------------------------------------------------------

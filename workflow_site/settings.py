@@ -226,6 +226,11 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
         "task": "pipelines.tasks.run_archive_manager",
         "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
     },
+    # Every WORKFLOW_MANAGER_INTERVAL: dispatch staging jobs (seed 002's process_staging_jobs).
+    "process-staging-jobs": {
+        "task": "pipelines.tasks.process_staging_jobs",
+        "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
+    },
 }
 
 # --- Facility -----------------------------------------------------------------------------------

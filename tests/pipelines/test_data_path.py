@@ -41,6 +41,7 @@ WORKER_TASKS = (
     tasks.transfer_data_transfer_package,
     tasks.unpack_data_transfer,
     tasks.send_data_to_long_term_archive,
+    tasks.stage_data_task,
 )
 
 
@@ -61,6 +62,7 @@ class Facility:
             self.location(site, "buffer", LT.BUFFER)
             self.location(site, "lta", LT.LONG_TERM_ARCHIVE)
             self.sites[name] = site
+        self.processing = self.location(self.sites["cologne"], "processing", LT.PROCESSING)
         for name in ("cologne", "us"):
             DataTransferRoute.objects.create(
                 name=f"ccat_to_{name}",
@@ -362,3 +364,121 @@ def test_behaviour_33_an_archive_on_s3_gets_verified_copies_with_credentials_fro
     assert hashlib.sha256(stored).hexdigest() == package.checksum
     for row in DataLocation.objects.values():
         assert secret not in str(row) and key_id not in str(row)
+
+
+# --- staging -------------------------------------------------------------------------------------
+def _archived(facility: Facility, scans: int = 1) -> list[RawDataPackage]:
+    for _ in range(scans):
+        facility.scan()
+    facility.run_until_idle()
+    return list(RawDataPackage.objects.filter(state=PackageState.ARCHIVED))
+
+
+def _staged(facility: Facility) -> dict[str, str]:
+    return dict(
+        PhysicalCopy.objects.filter(location=facility.processing).values_list(
+            "relative_path", "status"
+        )
+    )
+
+
+def test_behaviour_34_a_staging_job_unpacks_archived_packages_verified_and_staged(
+    facility: Facility,
+) -> None:
+    from pipelines.models import RawDataFile, StagingJob
+    from pipelines.services.staging import staging_job_create
+
+    packages = _archived(facility, scans=2)
+    job = staging_job_create(packages, destination=facility.processing, actor="test")
+
+    facility.tick("staging")
+
+    job.refresh_from_db()
+    assert job.status == Status.COMPLETED and facility.failures == []
+    files = RawDataFile.objects.filter(raw_data_package__in=packages)
+    assert _staged(facility) == {f.relative_path: "staged" for f in files}
+    root = Path(facility.processing.root_path)
+    for raw_file in files:
+        assert hashlib.sha256((root / raw_file.relative_path).read_bytes()).hexdigest() == (
+            raw_file.checksum
+        )
+    # The tars were removed once unpacked.
+    assert not (root / "staging").exists() or not any((root / "staging").rglob("*.tar"))
+
+    # The same job again, or a new job for the same packages: nothing new.
+    again = staging_job_create(packages, destination=facility.processing, actor="test")
+    facility.tick("staging")
+    again.refresh_from_db()
+    assert again.status == Status.COMPLETED
+    assert PhysicalCopy.objects.filter(location=facility.processing).count() == files.count()
+    assert StagingJob.objects.count() == 2
+
+
+def test_a_corrupt_archive_copy_stages_nothing_and_the_job_is_retried(facility: Facility) -> None:
+    from pipelines.services.staging import staging_job_create
+
+    [package] = _archived(facility)
+    archived = Path(facility.at("cologne", "lta").root_path) / package.relative_path
+    data = bytearray(archived.read_bytes())
+    data[100] ^= 0x01
+    archived.write_bytes(bytes(data))
+    job = staging_job_create([package], destination=facility.processing, actor="test")
+
+    facility.tick("staging")
+
+    job.refresh_from_db()
+    assert (job.status, job.retry_count) == (Status.PENDING, 1)
+    assert "reads back as" in job.failure_error_message
+    assert _staged(facility) == {}
+    assert not [p for p in Path(facility.processing.root_path).rglob("*") if p.is_file()]
+
+
+def test_only_archived_packages_may_be_staged_to_a_processing_location(facility: Facility) -> None:
+    from pipelines.exceptions import NonRetryableError
+    from pipelines.services.staging import staging_job_create
+
+    facility.scan()
+    facility.tick("packaging")
+    package = RawDataPackage.objects.get()
+    with pytest.raises(NonRetryableError, match="not archived"):
+        staging_job_create([package], destination=facility.processing, actor="test")
+    with pytest.raises(NonRetryableError, match="not an active PROCESSING"):
+        staging_job_create([package], destination=facility.at("us", "lta"), actor="test")
+
+
+def test_the_stage_command_creates_a_job_and_refuses_bad_input(facility: Facility) -> None:
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    from pipelines.models import StagingJob
+
+    [package] = _archived(facility)
+    for args, message in [
+        ((package.name,), "the following arguments are required: --to"),
+        ((package.name, "--to", "cologne"), "write SITE:LOCATION"),
+        ((package.name, "--to", "atlantis:processing"), "no such location"),
+        (("--to", "cologne:processing"), "name packages"),
+        (("no-such.tar", "--to", "cologne:processing"), "unknown package"),
+        (("--scan", "not-a-uuid", "--to", "cologne:processing"), "not a scan id"),
+        ((package.name, "--to", "us:lta"), "not an active PROCESSING"),
+    ]:
+        with pytest.raises(CommandError, match=message):
+            call_command("stage", *args, stdout=StringIO())
+    assert not StagingJob.objects.exists()
+
+    out = StringIO()
+    call_command("stage", package.name, "--to", "cologne:processing", "--dry-run", stdout=out)
+    assert "dry run: 1 package(s)" in out.getvalue() and not StagingJob.objects.exists()
+    out = StringIO()
+    call_command(
+        "stage",
+        "--scan",
+        str(package.executed_obs_unit_id),
+        "--to",
+        "cologne:processing",
+        stdout=out,
+    )
+    [job] = StagingJob.objects.all()
+    assert list(job.raw_data_packages.all()) == [package]
+    assert f"staging job {job.pk}: 1 package(s)" in out.getvalue()
