@@ -254,15 +254,6 @@ class DataTransferFactory(DjangoModelFactory):
     is_primary = False
 
 
-class DataTransferRouteFactory(DjangoModelFactory):
-    class Meta:
-        model = m.DataTransferRoute
-
-    name = factory.Sequence(lambda n: f"route{n}")
-    origin_site = factory.SubFactory(SiteFactory)
-    destination_site = factory.SubFactory(SiteFactory)
-
-
 class PrimaryTransferCursorFactory(DjangoModelFactory):
     class Meta:
         model = m.PrimaryTransferCursor

@@ -66,7 +66,10 @@ def test_the_heartbeat_thread_refreshes_until_stopped(redis_store) -> None:
 
 @pytest.mark.django_db
 def test_without_redis_heartbeats_live_in_the_django_cache(settings) -> None:
+    from django.core.cache import cache
+
     settings.REDIS_URL = ""
+    cache.clear()
     health.heartbeat("manager", "packaging", interval=60)
     [service] = health.services()
     assert (service.service_name, service.alive, service.lag_seconds) == ("packaging", True, 0.0)
