@@ -312,3 +312,26 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def all_archived(facility: Facility) -> bool:
+    """Every package ARCHIVED with verified PRESENT copies in two long-term archives, and no
+    operation of any kind left unfinished."""
+    packages = facility.sql("SELECT id, state FROM raw_data_package")
+    if not packages or any(state != "archived" for _id, state in packages):
+        return False
+    per_package = facility.sql(
+        "SELECT c.raw_data_package_id, count(*) FROM physical_copy c "
+        "JOIN data_location l ON l.id = c.location_id "
+        "WHERE l.location_type = 'long_term_archive' AND c.status = 'present' "
+        "AND c.integrity = 'verified' GROUP BY c.raw_data_package_id"
+    )
+    if len(per_package) != len(packages) or any(n != 2 for _id, n in per_package):
+        return False
+    unfinished = facility.sql(
+        "SELECT (SELECT count(*) FROM data_transfer WHERE status <> 'completed' "
+        "        OR unpack_status <> 'completed') "
+        "     + (SELECT count(*) FROM data_transfer_package WHERE status <> 'completed') "
+        "     + (SELECT count(*) FROM long_term_archive_transfer WHERE status <> 'completed')"
+    )
+    return unfinished[0][0] == 0
