@@ -192,11 +192,13 @@ class LongTermArchiveTransfer(Operation):
         ordering = ["-created_at"]
         constraints = [
             choices_check("status", Status, "lta_transfer_status_valid"),
-            # One live archive operation per package and archive.
+            # One archive operation in flight per package and archive. A completed one does not
+            # block another: a copy found corrupt later is re-archived by a new transfer (the
+            # planner skips packages that already have a live copy there).
             models.UniqueConstraint(
                 fields=["raw_data_package", "destination_location"],
-                condition=~models.Q(status="failed"),
-                name="lta_transfer_one_live_per_destination",
+                condition=models.Q(status__in=["pending", "scheduled", "in_progress"]),
+                name="lta_transfer_one_in_flight_per_destination",
             ),
         ]
         indexes = operation_indexes("lta_transfer")

@@ -42,8 +42,8 @@ def long_term_archive_transfers_plan(
     *, site_name: str | None = None, limit: int = 500, actor: str = "archive-manager"
 ) -> int:
     """Create a pending archive transfer for every package that has a verified PRESENT copy in
-    an active BUFFER of a site with an active LONG_TERM_ARCHIVE location, and neither a copy
-    nor a non-failed archive transfer there yet. Returns the transfers created."""
+    an active BUFFER of a site with an active LONG_TERM_ARCHIVE location, and neither a live
+    copy nor an archive transfer in flight there. Returns the transfers created."""
     archives = DataLocation.objects.filter(location_type=LT.LONG_TERM_ARCHIVE, active=True)
     if site_name:
         archives = archives.filter(site__short_name=site_name)
@@ -60,10 +60,9 @@ def long_term_archive_transfers_plan(
             )
             .exclude(
                 raw_data_package_id__in=LongTermArchiveTransfer.objects.filter(
-                    destination_location=archive
-                )
-                .exclude(status=Status.FAILED)
-                .values("raw_data_package_id")
+                    destination_location=archive,
+                    status__in=(Status.PENDING, Status.SCHEDULED, Status.IN_PROGRESS),
+                ).values("raw_data_package_id")
             )
             .exclude(
                 raw_data_package_id__in=PhysicalCopy.objects.filter(location=archive)

@@ -482,3 +482,57 @@ def test_the_stage_command_creates_a_job_and_refuses_bad_input(facility: Facilit
     [job] = StagingJob.objects.all()
     assert list(job.raw_data_packages.all()) == [package]
     assert f"staging job {job.pk}: 1 package(s)" in out.getvalue()
+
+
+def test_one_archive_transfer_in_flight_per_package_and_archive_but_a_repair_may_follow(
+    facility: Facility,
+) -> None:
+    from django.db import IntegrityError, transaction
+
+    [package] = _archived(facility)
+    lta = facility.at("cologne", "lta")
+    done = LongTermArchiveTransfer.objects.get(raw_data_package=package, destination_location=lta)
+    assert done.status == Status.COMPLETED
+    # A completed transfer does not block re-archiving a copy found corrupt later.
+    again = LongTermArchiveTransfer.objects.create(
+        raw_data_package=package, origin_location=done.origin_location, destination_location=lta
+    )
+    with pytest.raises(IntegrityError), transaction.atomic():
+        LongTermArchiveTransfer.objects.create(
+            raw_data_package=package,
+            origin_location=done.origin_location,
+            destination_location=lta,
+        )
+    assert again.status == Status.PENDING
+
+
+def test_a_full_or_read_only_destination_is_retried_and_nothing_is_lost(
+    facility: Facility, monkeypatch: Any
+) -> None:
+    from pipelines.exceptions import StorageUnavailable
+    from pipelines.storage.posix import PosixStorage
+
+    facility.scan()
+    real = PosixStorage.put_stream
+    refusals = {"left": 2}
+
+    def full_then_freed(self: Any, path: str, reader: Any, *, algorithm: str) -> Any:
+        if self.label == "us:lta" and refusals["left"]:
+            refusals["left"] -= 1
+            raise StorageUnavailable(f"{self.label}: No space left on device (writing {path})")
+        return real(self, path, reader, algorithm=algorithm)
+
+    monkeypatch.setattr(PosixStorage, "put_stream", full_then_freed)
+    facility.run_until_idle()
+
+    assert len(facility.failures) == 2
+    assert all("No space left on device" in str(e) for e in facility.failures)
+    package = RawDataPackage.objects.get()
+    assert package.state == PackageState.ARCHIVED
+    assert _archive_sites(package) == {"cologne", "us"}
+    [row] = LongTermArchiveTransfer.objects.filter(destination_location=facility.at("us", "lta"))
+    assert (row.status, row.retry_count) == (Status.COMPLETED, 2)
+    # Nothing lost on the way: the buffer copy the archive was fed from is still there, intact.
+    buffer = facility.at("us", "buffer")
+    stored = Path(buffer.root_path) / package.relative_path
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == package.checksum
