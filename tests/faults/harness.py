@@ -259,6 +259,14 @@ class Facility:
         finally:
             connection.close()
 
+    def sql_write(self, statement: str, params: tuple[Any, ...] = ()) -> None:
+        connection = psycopg2.connect(dbname=self.db, **PG)
+        try:
+            with connection, connection.cursor() as cursor:
+                cursor.execute(statement, params)
+        finally:
+            connection.close()
+
     def packages(self) -> list[dict[str, Any]]:
         rows = self.sql(
             "SELECT p.id, p.status, p.state, p.retry_count, p.checksum, p.relative_path, "

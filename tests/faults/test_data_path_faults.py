@@ -3,7 +3,13 @@ a worker killed mid-copy and mid-unpack, and two beats at once over the whole pa
 
 from __future__ import annotations
 
+import hashlib
+
+from tests.pipelines.test_storage_contract import moto_endpoint, new_bucket, raw_s3_client
+
 from .harness import Facility, all_archived, wait_for
+
+__all__ = ["moto_endpoint"]  # a fixture, used by name
 
 DONE_WITHIN = 150
 
@@ -106,4 +112,32 @@ def test_two_beats_at_once_keep_the_round_robin_and_make_no_duplicate_transfer(
         "FROM data_transfer GROUP BY 1"
     )
     assert all(primary == 1 and total == 2 for _bundle, primary, total in per_bundle)
+    assert_each_copy_once_and_nothing_partial(facility)
+
+
+def test_every_package_reaches_an_s3_archive_too_with_real_processes(
+    facility: Facility, moto_endpoint: str
+) -> None:
+    bucket = new_bucket(moto_endpoint)
+    facility.load_demo(scans=1)
+    facility.sql_write(
+        "UPDATE data_location SET storage_type = 's3', root_path = '', s3_endpoint_url = %s, "
+        "s3_bucket = %s, s3_region = 'us-east-1', s3_prefix = 'ccat' WHERE id = ("
+        "SELECT l.id FROM data_location l JOIN site s ON s.id = l.site_id "
+        "WHERE s.short_name = 'us' AND l.name = 'lta')",
+        (moto_endpoint, bucket),
+    )
+    facility.env["WORKFLOW_S3_US_LTA_ACCESS_KEY_ID"] = "AKIAFAULTTEST"
+    facility.env["WORKFLOW_S3_US_LTA_SECRET_ACCESS_KEY"] = "fault-test-secret"
+    facility.start_beat("beat")
+    facility.start_worker("worker", concurrency=2)
+
+    wait_for(lambda: all_archived(facility), timeout=DONE_WITHIN, what="every package archived")
+
+    client = raw_s3_client(moto_endpoint)
+    for name, relative_path, checksum in facility.sql(
+        "SELECT name, relative_path, checksum FROM raw_data_package"
+    ):
+        body = client.get_object(Bucket=bucket, Key=f"ccat/{relative_path}")["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == checksum, name
     assert_each_copy_once_and_nothing_partial(facility)
