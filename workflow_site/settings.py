@@ -201,30 +201,13 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
         "task": "pipelines.tasks.recover_expired_leases",
         "schedule": timedelta(seconds=WORKFLOW_RECOVERY_INTERVAL),
     },
-    # Every WORKFLOW_MANAGER_INTERVAL (a minute): package the files of finished scans.
-    "run-packaging-manager": {
-        "task": "pipelines.tasks.run_packaging_manager",
-        "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
-    },
-    # Every WORKFLOW_MANAGER_INTERVAL: bundle waiting packages at the observatories.
-    "run-bundling-manager": {
-        "task": "pipelines.tasks.run_bundling_manager",
-        "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
-    },
-    # Every WORKFLOW_MANAGER_INTERVAL: send bundles along their routes.
-    "run-transfer-manager": {
-        "task": "pipelines.tasks.run_transfer_manager",
-        "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
-    },
-    # Every WORKFLOW_MANAGER_INTERVAL: unpack bundles that arrived.
-    "run-unpack-manager": {
-        "task": "pipelines.tasks.run_unpack_manager",
-        "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
-    },
-    # Every WORKFLOW_MANAGER_INTERVAL: archive packages at the archive sites.
-    "run-archive-manager": {
-        "task": "pipelines.tasks.run_archive_manager",
-        "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
+    # Every WORKFLOW_MANAGER_INTERVAL (a minute), each data-path manager (pipelines/managers.py):
+    **{
+        f"run-{name}-manager": {
+            "task": f"pipelines.tasks.run_{name}_manager",
+            "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
+        }
+        for name in ("packaging", "bundling", "transfer", "unpack", "archive")
     },
     # Every WORKFLOW_MANAGER_INTERVAL: dispatch staging jobs (seed 002's process_staging_jobs).
     "process-staging-jobs": {

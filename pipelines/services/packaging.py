@@ -31,13 +31,13 @@ from pipelines.models import (
     DataLocation,
     ExecutedObsUnit,
     PhysicalCopy,
-    PhysicalCopyStatus,
     RawDataFile,
     RawDataPackage,
 )
 from pipelines.storage.paths import safe_join
 from pipelines.storage.tars import Member, MemberCorrupt, write_tar
 
+from .copies import copy_register_verified
 from .operations import (
     LeaseKeeper,
     operation_claim_batch,
@@ -266,17 +266,15 @@ def raw_data_package_build(
                 "idempotency_key": f"raw_data_package:{package.pk}:{checksum}",
             },
         )
-        copy = PhysicalCopy.objects.create(
+        copy_register_verified(
+            package,
             kind=PhysicalCopy.Kind.RAW_DATA_PACKAGE,
-            raw_data_package=package,
             location=buffer,
             relative_path=package.relative_path,
-            status=PhysicalCopyStatus.PRESENT,
-            integrity=PhysicalCopy.Integrity.VERIFIED,
-            verified_checksum=checksum,
-            checksum_verified_at=timezone.now(),
+            checksum=checksum,
+            actor=f"worker:{owner}",
+            reason="package tar written and hashed",
         )
-        record_creation(copy, actor=f"worker:{owner}", reason="package tar written and hashed")
     return package
 
 
