@@ -168,8 +168,8 @@ def run_facility(
 ) -> RunResult:
     """Tick the managers every ``tick`` seconds until idle (with ``until_idle``), until
     ``timeout`` seconds have passed, or until ``stop`` is set. ``report`` sees every round and
-    what is unfinished after it. Idle: a round found no work and no operation row is
-    unfinished, checked after the round (so work the round itself dispatched counts)."""
+    what is unfinished after it. Idle: no operation row was unfinished before the round, the
+    round found no work, and none is unfinished after it."""
     started = time.monotonic()
     stop = stop or threading.Event()
     number = 0
@@ -177,10 +177,13 @@ def run_facility(
     idle = False
     while True:
         number += 1
+        # Work a worker finishes during a round is planned onward only by the next round's
+        # managers, so "idle" needs nothing unfinished before the round as well as after it.
+        before = unfinished_operations()
         this = tick_round(number, owner=owner)
         left = unfinished_operations()
         report(this, left)
-        if until_idle and not this.found_work and not left:
+        if until_idle and not before and not this.found_work and not left:
             idle = True
             break
         if timeout is not None and time.monotonic() - started >= timeout:

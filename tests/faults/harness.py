@@ -301,9 +301,13 @@ class Facility:
         )
 
     def copies(self, package_id: int) -> int:
+        """Copies of the package in the buffer it was built in (the data path goes on to
+        make more elsewhere)."""
         return int(
             self.sql(
-                "SELECT count(*) FROM physical_copy WHERE raw_data_package_id = %s",
+                "SELECT count(*) FROM physical_copy c JOIN raw_data_package p "
+                "ON p.id = c.raw_data_package_id WHERE p.id = %s "
+                "AND c.location_id = p.origin_location_id",
                 (package_id,),
             )[0][0]
         )
