@@ -72,7 +72,15 @@ VALID_OPERATIONS: dict[str, tuple[str, ...]] = {
         _OP.DELETION,
         _OP.INTEGRITY_CHECK,
     ),
-    _LT.LONG_TERM_ARCHIVE: (_OP.LONG_TERM_ARCHIVE_TRANSFER, _OP.DELETION, _OP.INTEGRITY_CHECK),
+    # A DIRECT route delivers a bundle into an archive, skipping the buffer: it is unpacked
+    # there, and sent on to the other archive sites from there.
+    _LT.LONG_TERM_ARCHIVE: (
+        _OP.LONG_TERM_ARCHIVE_TRANSFER,
+        _OP.DATA_TRANSFER,
+        _OP.DATA_TRANSFER_UNPACKING,
+        _OP.DELETION,
+        _OP.INTEGRITY_CHECK,
+    ),
     _LT.PROCESSING: (_OP.STAGING, _OP.DELETION, _OP.INTEGRITY_CHECK),
 }
 

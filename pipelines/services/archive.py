@@ -164,11 +164,13 @@ def long_term_archive_transfer_run(
             actor=actor,
             reason=f"archive transfer {row.pk}: copied and read back",
         )
-        _mark_archived(package, actor=actor, where=archive.label)
+        mark_archived(package, actor=actor, where=archive.label)
     return row
 
 
-def _mark_archived(package: RawDataPackage, *, actor: str, where: str) -> None:
+def mark_archived(package: RawDataPackage, *, actor: str, where: str) -> None:
+    """ARCHIVED (with ``archived_at``) unless it already is; call inside the transaction that
+    registers the verified archive copy. The package row is locked first."""
     locked: Any = RawDataPackage.objects.select_for_update().get(pk=package.pk)
     if locked.state == PackageState.ARCHIVED:
         return

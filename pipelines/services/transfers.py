@@ -40,6 +40,7 @@ from pipelines.storage.base import copy, storage_for
 from pipelines.storage.paths import safe_join
 from pipelines.storage.tars import Member, write_tar
 
+from .archive import mark_archived
 from .copies import copy_register_verified
 from .operations import (
     LeaseKeeper,
@@ -373,7 +374,11 @@ def data_transfer_unpack(
     to its own path with its checksum computed as it is written and compared with the package's
     registered checksum; only when every package matches are their copies registered PRESENT
     and the unpacking completed, in one transaction. A mismatch removes what was written, and
-    raises ``ChecksumMismatch``: no PRESENT copy, the step fails (and is retried)."""
+    raises ``ChecksumMismatch``: no PRESENT copy, the step fails (and is retried).
+
+    At a long-term archive (a DIRECT route skipped the buffer) each package is also read back
+    from the archive before its copy is registered, and the package becomes ARCHIVED, as an
+    archive transfer would have made it."""
     transfer = DataTransfer.objects.select_related(
         "data_transfer_package", "destination_location__site"
     ).get(pk=transfer_id)
@@ -384,6 +389,7 @@ def data_transfer_unpack(
     here = storage_for(transfer.destination_location)
     expected = {p.relative_path: p for p in bundle.raw_data_packages.all()}
     written: dict[int, tuple[str, str]] = {}
+    at_archive = transfer.destination_location.location_type == LT.LONG_TERM_ARCHIVE
     try:
         with (
             LeaseKeeper(
@@ -410,6 +416,10 @@ def data_transfer_unpack(
                     package.relative_path, reader, algorithm=package.checksum_algorithm
                 )
                 written[package.pk] = (package.relative_path, checksum)
+                if at_archive and checksum == package.checksum:
+                    checksum, _size = here.checksum(
+                        package.relative_path, package.checksum_algorithm
+                    )
                 if checksum != package.checksum:
                     raise ChecksumMismatch(
                         f"package {package.name} unpacked at {here.label} hashes to "
@@ -442,6 +452,8 @@ def data_transfer_unpack(
                 actor=f"worker:{owner}",
                 reason=f"unpacked from bundle {bundle.name} (transfer {transfer.pk})",
             )
+            if at_archive:
+                mark_archived(expected[path], actor=f"worker:{owner}", where=here.label)
     return transfer
 
 

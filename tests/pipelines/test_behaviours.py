@@ -261,6 +261,8 @@ def test_behaviour_27_a_new_site_and_location_bring_their_queues_into_discovery(
     added = set(queues.discover_queues()) - set(before)
     assert added == {
         "bonn_archive_long_term_archive_transfer",
+        "bonn_archive_data_transfer",
+        "bonn_archive_data_transfer_unpacking",
         "bonn_archive_deletion",
         "bonn_archive_integrity_check",
     }

@@ -52,7 +52,7 @@ def test_queue_name_is_site_location_operation(cologne: Any) -> None:
     ("location_type", "operation"),
     [
         (LT.BUFFER, "staging"),
-        (LT.LONG_TERM_ARCHIVE, "data_transfer"),
+        (LT.LONG_TERM_ARCHIVE, "staging"),
         (LT.SOURCE, "long_term_archive_transfer"),
         (LT.PROCESSING, "raw_data_package_creation"),
     ],
@@ -89,6 +89,8 @@ def test_a_new_location_adds_its_queues_without_code_changes(cologne: Any) -> No
     added = set(queues.discover_queues()) - before
     assert added == {
         "cologne_archive_long_term_archive_transfer",
+        "cologne_archive_data_transfer",
+        "cologne_archive_data_transfer_unpacking",
         "cologne_archive_deletion",
         "cologne_archive_integrity_check",
     }

@@ -536,3 +536,28 @@ def test_a_full_or_read_only_destination_is_retried_and_nothing_is_lost(
     buffer = facility.at("us", "buffer")
     stored = Path(buffer.root_path) / package.relative_path
     assert hashlib.sha256(stored.read_bytes()).hexdigest() == package.checksum
+
+
+def test_a_direct_route_skips_the_destination_buffer_and_still_archives_at_both_sites(
+    facility: Facility,
+) -> None:
+    DataTransferRoute.objects.filter(name="ccat_to_us").update(
+        route_type=DataTransferRoute.RouteType.DIRECT
+    )
+    for _ in range(2):
+        facility.scan()
+        facility.tick("packaging", "bundling")
+    facility.run_until_idle()
+
+    assert facility.failures == []
+    us_buffer, us_lta = facility.at("us", "buffer"), facility.at("us", "lta")
+    direct = DataTransfer.objects.get(is_primary=True, destination_location=us_lta)
+    assert (direct.status, direct.unpack_status) == (Status.COMPLETED, Status.COMPLETED)
+    for package in direct.data_transfer_package.raw_data_packages.all():
+        assert package.state == PackageState.ARCHIVED
+        assert _archive_sites(package) == {"cologne", "us"}
+        # It never went through the us buffer, and needed no archive transfer at us.
+        assert not PhysicalCopy.objects.filter(raw_data_package=package, location=us_buffer)
+        assert not LongTermArchiveTransfer.objects.filter(
+            raw_data_package=package, destination_location=us_lta
+        )
