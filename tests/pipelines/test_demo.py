@@ -373,3 +373,21 @@ def test_demo_refuses_to_serve_plain_http_when_the_secure_settings_are_on(
         call_command("demo", stdout=StringIO())
 
     assert served == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--count", "-1"), "between 0 and 100000"),
+        (("--count", "many"), "not a whole number"),
+        (("--timeout", "0"), "between 1 and"),
+        (("--port", "70000"), "between 1 and 65535"),
+    ],
+)
+def test_demo_refuses_bad_arguments_before_changing_anything(
+    args: tuple[str, ...], message: str
+) -> None:
+    counts = _row_counts()
+    with pytest.raises(CommandError, match=message):
+        call_command("demo", "--no-serve", *args, stdout=StringIO())
+    assert _row_counts() == counts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,19 @@ from pipelines.demo import (
 Step = tuple[str, Callable[[], None]]
 
 
+def _between(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"{value!r} must be between {low} and {high}")
+        return number
+
+    return parse
+
+
 class Command(BaseCommand):
     help = (
         "Set up and run the laptop demo: migrate, create the cache table, load the demo "
@@ -31,11 +45,15 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--no-serve", action="store_true", help="stop after the setup")
-        parser.add_argument("--port", type=int, default=8000, help="port to serve on (8000)")
-        parser.add_argument("--count", type=int, default=3, help="scans to simulate (3)")
+        parser.add_argument(
+            "--port", type=_between(1, 65535), default=8000, help="port to serve on (8000)"
+        )
+        parser.add_argument(
+            "--count", type=_between(0, 100_000), default=3, help="scans to simulate (3)"
+        )
         parser.add_argument(
             "--timeout",
-            type=int,
+            type=_between(1, 7 * 24 * 3600),
             default=600,
             help="seconds the data path may take before the demo gives up (600)",
         )
