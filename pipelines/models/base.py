@@ -31,10 +31,20 @@ STATUS_TRANSITIONS: dict[str, set[str]] = {
 
 
 def choices_check(
-    field: str, choices: type[models.TextChoices], name: str
+    field: str, choices: type[models.TextChoices], name: str, message: str = ""
 ) -> models.CheckConstraint:
-    """A database check constraint that keeps ``field`` inside ``choices``."""
-    return models.CheckConstraint(condition=models.Q(**{f"{field}__in": choices.values}), name=name)
+    """A database check constraint that keeps ``field`` inside ``choices``. Model validation (the
+    admin's forms) reports a violation as ``message``, by default "<Field> must be one of: ..."
+    with the choices' labels."""
+    if not message:
+        labels = ", ".join(str(label) for label in choices.labels)
+        message = f"{field.replace('_', ' ').capitalize()} must be one of: {labels}."
+    return models.CheckConstraint(
+        condition=models.Q(**{f"{field}__in": choices.values}),
+        name=name,
+        # Constraint messages are %-formatted with the constraint's name.
+        violation_error_message=message.replace("%", "%%"),
+    )
 
 
 class StatefulModel(models.Model):

@@ -59,7 +59,9 @@ class RawDataFile(TimeStamped):
         ordering = ["relative_path"]
         constraints = [
             models.CheckConstraint(
-                condition=models.Q(size__gte=0), name="raw_data_file_size_nonneg"
+                condition=models.Q(size__gte=0),
+                name="raw_data_file_size_nonneg",
+                violation_error_message="A file size cannot be negative.",
             ),
             choices_check(
                 "checksum_algorithm",
@@ -67,11 +69,17 @@ class RawDataFile(TimeStamped):
                 "raw_data_file_checksum_algorithm_valid",
             ),
             models.CheckConstraint(
-                condition=~models.Q(checksum=""), name="raw_data_file_has_checksum"
+                condition=~models.Q(checksum=""),
+                name="raw_data_file_has_checksum",
+                violation_error_message="A raw data file needs a checksum.",
             ),
             # The same path cannot be registered twice at one source location.
             models.UniqueConstraint(
-                fields=["source_location", "relative_path"], name="raw_data_file_unique_path"
+                fields=["source_location", "relative_path"],
+                name="raw_data_file_unique_path",
+                violation_error_message=(
+                    "A file with this path is already registered at this source location."
+                ),
             ),
         ]
         indexes = [
@@ -161,12 +169,17 @@ class RawDataPackage(Operation):
             choices_check("status", Status, "raw_data_package_status_valid"),
             choices_check("state", PackageState, "raw_data_package_state_valid"),
             models.CheckConstraint(
-                condition=models.Q(size__gte=0), name="raw_data_package_size_nonneg"
+                condition=models.Q(size__gte=0),
+                name="raw_data_package_size_nonneg",
+                violation_error_message="A package size cannot be negative.",
             ),
             # An archived package has a checksum to verify copies against.
             models.CheckConstraint(
                 condition=~models.Q(state="archived") | ~models.Q(checksum=""),
                 name="raw_data_package_archived_has_checksum",
+                violation_error_message=(
+                    "An archived package needs a checksum to verify its copies against."
+                ),
             ),
         ]
         indexes = [
@@ -205,7 +218,9 @@ class DataTransferPackage(Operation):
         constraints = [
             choices_check("status", Status, "data_transfer_package_status_valid"),
             models.CheckConstraint(
-                condition=models.Q(size__gte=0), name="data_transfer_package_size_nonneg"
+                condition=models.Q(size__gte=0),
+                name="data_transfer_package_size_nonneg",
+                violation_error_message="A transfer bundle size cannot be negative.",
             ),
         ]
         indexes = [

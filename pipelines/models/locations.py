@@ -38,10 +38,17 @@ class Site(TimeStamped):
             models.CheckConstraint(
                 condition=models.Q(short_name__regex=r"^[a-z][a-z0-9_]*$"),
                 name="site_short_name_queue_safe",
+                violation_error_message=(
+                    "The short name must start with a lowercase letter and contain only "
+                    "a-z, 0-9 and _ (it becomes part of queue names)."
+                ),
             ),
             models.CheckConstraint(
                 condition=models.Q(min_archive_copies__gte=1),
                 name="site_min_archive_copies_positive",
+                violation_error_message=(
+                    "A site needs at least one archive copy before data may be deleted."
+                ),
             ),
         ]
 
@@ -131,27 +138,41 @@ class DataLocation(TimeStamped):
         db_table = "data_location"
         ordering = ["site__short_name", "-priority", "name"]
         constraints = [
-            models.UniqueConstraint(fields=["site", "name"], name="data_location_unique_name"),
+            models.UniqueConstraint(
+                fields=["site", "name"],
+                name="data_location_unique_name",
+                violation_error_message="This site already has a location with this name.",
+            ),
             choices_check("location_type", LocationType, "data_location_type_valid"),
             choices_check("storage_type", StorageType, "data_location_storage_valid"),
             choices_check("checksum_algorithm", ChecksumAlgorithm, "data_location_checksum_valid"),
             models.CheckConstraint(
                 condition=models.Q(name__regex=r"^[a-z][a-z0-9_]*$"),
                 name="data_location_name_queue_safe",
+                violation_error_message=(
+                    "The location name must start with a lowercase letter and contain only "
+                    "a-z, 0-9 and _ (it becomes part of queue names)."
+                ),
             ),
             models.CheckConstraint(
                 condition=~models.Q(storage_type="disk") | ~models.Q(root_path=""),
                 name="data_location_disk_has_root",
+                violation_error_message="A disk location needs a root path.",
             ),
             models.CheckConstraint(
                 condition=~models.Q(storage_type="s3") | ~models.Q(s3_bucket=""),
                 name="data_location_s3_has_bucket",
+                violation_error_message="An S3 location needs a bucket.",
             ),
             models.CheckConstraint(
                 condition=models.Q(
                     cleanup_percent__lte=models.F("high_water_percent"), high_water_percent__lte=100
                 ),
                 name="data_location_thresholds_ordered",
+                violation_error_message=(
+                    "The cleanup mark must not be above the high-water mark, and the high-water "
+                    "mark must be at most 100 percent."
+                ),
             ),
         ]
         indexes = [
@@ -317,27 +338,42 @@ class PhysicalCopy(StatefulModel, TimeStamped):
                     )
                 ),
                 name="physical_copy_exactly_one_object",
+                violation_error_message=(
+                    "A physical copy must point at exactly one object, the one its kind names."
+                ),
             ),
             # At most one live record of an object per location; DELETED rows are history.
             models.UniqueConstraint(
                 fields=["raw_data_file", "location"],
                 condition=~models.Q(status="deleted"),
                 name="physical_copy_one_live_file_per_location",
+                violation_error_message=(
+                    "This file already has a copy at this location that is not deleted."
+                ),
             ),
             models.UniqueConstraint(
                 fields=["raw_data_package", "location"],
                 condition=~models.Q(status="deleted"),
                 name="physical_copy_one_live_package_per_location",
+                violation_error_message=(
+                    "This package already has a copy at this location that is not deleted."
+                ),
             ),
             models.UniqueConstraint(
                 fields=["data_transfer_package", "location"],
                 condition=~models.Q(status="deleted"),
                 name="physical_copy_one_live_dtp_per_location",
+                violation_error_message=(
+                    "This transfer bundle already has a copy at this location that is not deleted."
+                ),
             ),
             models.UniqueConstraint(
                 fields=["data_product", "location"],
                 condition=~models.Q(status="deleted"),
                 name="physical_copy_one_live_product_per_location",
+                violation_error_message=(
+                    "This data product already has a copy at this location that is not deleted."
+                ),
             ),
         ]
         indexes = [

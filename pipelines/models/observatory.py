@@ -39,7 +39,13 @@ class Telescope(TimeStamped):
         db_table = "telescope"
         ordering = ["name"]
         constraints = [
-            models.UniqueConstraint(fields=["observatory", "name"], name="telescope_unique_name"),
+            models.UniqueConstraint(
+                fields=["observatory", "name"],
+                name="telescope_unique_name",
+                violation_error_message=(
+                    "This observatory already has a telescope with this name."
+                ),
+            ),
         ]
 
     def __str__(self) -> str:
@@ -60,7 +66,13 @@ class Instrument(TimeStamped):
         db_table = "instrument"
         ordering = ["name"]
         constraints = [
-            models.UniqueConstraint(fields=["telescope", "name"], name="instrument_unique_name"),
+            models.UniqueConstraint(
+                fields=["telescope", "name"],
+                name="instrument_unique_name",
+                violation_error_message=(
+                    "This telescope already has an instrument with this name."
+                ),
+            ),
         ]
 
     def __str__(self) -> str:
@@ -82,13 +94,18 @@ class InstrumentModule(TimeStamped):
         ordering = ["instrument__name", "name"]
         constraints = [
             models.UniqueConstraint(
-                fields=["instrument", "name"], name="instrument_module_unique_name"
+                fields=["instrument", "name"],
+                name="instrument_module_unique_name",
+                violation_error_message="This instrument already has a module with this name.",
             ),
             models.CheckConstraint(
                 condition=models.Q(freq_min_ghz__isnull=True)
                 | models.Q(freq_max_ghz__isnull=True)
                 | models.Q(freq_min_ghz__lte=models.F("freq_max_ghz")),
                 name="instrument_module_freq_order",
+                violation_error_message=(
+                    "The minimum frequency must not be above the maximum frequency."
+                ),
             ),
         ]
 
@@ -108,7 +125,11 @@ class InstrumentModuleConfiguration(TimeStamped):
         ordering = ["name"]
         constraints = [
             models.UniqueConstraint(
-                fields=["instrument_module", "name"], name="instrument_module_configuration_unique"
+                fields=["instrument_module", "name"],
+                name="instrument_module_configuration_unique",
+                violation_error_message=(
+                    "This instrument module already has a configuration with this name."
+                ),
             ),
         ]
 
@@ -142,7 +163,11 @@ class SubObservingProgram(TimeStamped):
         ordering = ["short_name"]
         constraints = [
             models.UniqueConstraint(
-                fields=["observing_program", "short_name"], name="sub_observing_program_unique"
+                fields=["observing_program", "short_name"],
+                name="sub_observing_program_unique",
+                violation_error_message=(
+                    "This observing program already has a sub-program with this short name."
+                ),
             ),
         ]
 
@@ -194,10 +219,14 @@ class Source(TimeStamped):
                     dec_deg__lte=90,
                 ),
                 name="source_fixed_has_coordinates",
+                violation_error_message=(
+                    "A fixed source needs RA (0 to 360 degrees) and Dec (-90 to 90 degrees)."
+                ),
             ),
             models.CheckConstraint(
                 condition=~models.Q(source_type="solar_system") | ~models.Q(ephemeris_name=""),
                 name="source_solar_system_has_ephemeris",
+                violation_error_message="A solar-system object needs an ephemeris name.",
             ),
             models.CheckConstraint(
                 condition=~models.Q(source_type="constant_elevation")
@@ -205,6 +234,9 @@ class Source(TimeStamped):
                     elevation_deg__isnull=False, elevation_deg__gte=0, elevation_deg__lte=90
                 ),
                 name="source_constant_elevation_has_elevation",
+                violation_error_message=(
+                    "A constant-elevation source needs an elevation between 0 and 90 degrees."
+                ),
             ),
         ]
 
@@ -326,6 +358,7 @@ class ExecutedObsUnit(StatefulModel, TimeStamped):
                 condition=models.Q(end_time__isnull=True)
                 | models.Q(end_time__gte=models.F("start_time")),
                 name="executed_obs_unit_end_after_start",
+                violation_error_message="A scan cannot end before it starts.",
             ),
         ]
         indexes = [

@@ -60,15 +60,20 @@ class DataTransferRoute(TimeStamped):
             models.CheckConstraint(
                 condition=~models.Q(origin_site=models.F("destination_site")),
                 name="data_transfer_route_distinct_sites",
+                violation_error_message="A route must go from one site to a different site.",
             ),
             models.CheckConstraint(
                 condition=~models.Q(route_type="relay") | models.Q(relay_site__isnull=False),
                 name="data_transfer_route_relay_has_site",
+                violation_error_message="A relay route needs a relay site.",
             ),
             models.CheckConstraint(
                 condition=~models.Q(route_type="custom")
                 | models.Q(origin_location__isnull=False, destination_location__isnull=False),
                 name="data_transfer_route_custom_has_locations",
+                violation_error_message=(
+                    "A custom route needs both an origin and a destination location."
+                ),
             ),
         ]
 
@@ -128,23 +133,35 @@ class DataTransfer(Operation):
             models.CheckConstraint(
                 condition=~models.Q(origin_location=models.F("destination_location")),
                 name="data_transfer_distinct_locations",
+                violation_error_message=(
+                    "A transfer must go to a different location than it comes from."
+                ),
             ),
             # Nothing is unpacked before the bundle has arrived.
             models.CheckConstraint(
                 condition=models.Q(unpack_status="pending") | models.Q(status="completed"),
                 name="data_transfer_unpack_after_transfer",
+                violation_error_message=(
+                    "A bundle can only be unpacked after its transfer has completed."
+                ),
             ),
             # Each bundle leaves the observatory once: one primary transfer that is not failed.
             models.UniqueConstraint(
                 fields=["data_transfer_package"],
                 condition=models.Q(is_primary=True) & ~models.Q(status="failed"),
                 name="data_transfer_one_live_primary",
+                violation_error_message=(
+                    "This bundle already has a primary transfer that has not failed."
+                ),
             ),
             # No second copy of a bundle to a destination while one is live.
             models.UniqueConstraint(
                 fields=["data_transfer_package", "destination_location"],
                 condition=~models.Q(status="failed"),
                 name="data_transfer_one_live_per_destination",
+                violation_error_message=(
+                    "This bundle already has a transfer to this destination that has not failed."
+                ),
             ),
         ]
         indexes = [
@@ -199,6 +216,9 @@ class LongTermArchiveTransfer(Operation):
                 fields=["raw_data_package", "destination_location"],
                 condition=models.Q(status__in=["pending", "scheduled", "in_progress"]),
                 name="lta_transfer_one_in_flight_per_destination",
+                violation_error_message=(
+                    "This package is already being archived to this location."
+                ),
             ),
         ]
         indexes = operation_indexes("lta_transfer")
@@ -267,6 +287,9 @@ class DeletionTask(Operation):
                 fields=["physical_copy"],
                 condition=models.Q(status__in=["pending", "scheduled", "in_progress"]),
                 name="deletion_task_one_live_per_copy",
+                violation_error_message=(
+                    "This copy already has a deletion waiting or in progress."
+                ),
             ),
         ]
         indexes = operation_indexes("deletion_task")

@@ -54,7 +54,9 @@ class ReductionSoftwareVersion(TimeStamped):
         ordering = ["software__name", "-created_at"]
         constraints = [
             models.UniqueConstraint(
-                fields=["software", "version"], name="reduction_software_version_unique"
+                fields=["software", "version"],
+                name="reduction_software_version_unique",
+                violation_error_message="This software already has this version.",
             ),
         ]
 
@@ -204,9 +206,15 @@ class ReductionStep(TimeStamped):
         db_table = "reduction_step"
         ordering = ["pipeline", "step_order"]
         constraints = [
-            models.UniqueConstraint(fields=["pipeline", "name"], name="reduction_step_unique_name"),
             models.UniqueConstraint(
-                fields=["pipeline", "step_order"], name="reduction_step_unique_order"
+                fields=["pipeline", "name"],
+                name="reduction_step_unique_name",
+                violation_error_message="This pipeline already has a step with this name.",
+            ),
+            models.UniqueConstraint(
+                fields=["pipeline", "step_order"],
+                name="reduction_step_unique_order",
+                violation_error_message="This pipeline already has a step at this position.",
             ),
             choices_check("version_policy", VersionPolicy, "reduction_step_version_policy_valid"),
         ]
@@ -338,6 +346,7 @@ class ExecutedReductionStep(StatefulModel, TimeStamped, Claimable):
                 fields=["reduction_step", "sub_group_key"],
                 condition=models.Q(status__in=[s.value for s in ACTIVE_RUN_STATUSES]),
                 name="executed_reduction_step_one_active_per_subgroup",
+                violation_error_message="This step already has an active run for this sub-group.",
             ),
         ]
         indexes = [
@@ -394,10 +403,14 @@ class DataProduct(TimeStamped):
         constraints = [
             choices_check("product_type", DataProductType, "data_product_type_valid"),
             models.CheckConstraint(
-                condition=models.Q(size_bytes__gte=0), name="data_product_size_nonneg"
+                condition=models.Q(size_bytes__gte=0),
+                name="data_product_size_nonneg",
+                violation_error_message="A product size cannot be negative.",
             ),
             models.UniqueConstraint(
-                fields=["produced_by", "relative_path"], name="data_product_unique_path_per_run"
+                fields=["produced_by", "relative_path"],
+                name="data_product_unique_path_per_run",
+                violation_error_message="This run already produced a product at this path.",
             ),
         ]
         indexes = [

@@ -1,0 +1,115 @@
+"""What an operator reads in the admin: constraint violations in words, objects labelled by
+name, sizes a person can read, and the index grouped by topic."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.apps import apps
+from django.contrib import admin
+from django.core.exceptions import ValidationError
+from django.db import models
+from django.test import Client
+from django.urls import reverse
+
+from access import OPERATORS, ensure_groups
+from pipelines import models as m
+from tests import factories as f
+
+
+def _constraints() -> list[tuple[str, models.BaseConstraint]]:
+    # Read at collection time, so constraints added later are covered too.
+    return [
+        (f"{model._meta.label}.{constraint.name}", constraint)
+        for model in apps.get_app_config("pipelines").get_models()
+        for constraint in model._meta.constraints
+    ]
+
+
+CONSTRAINTS = _constraints()
+
+
+def test_the_pipelines_app_has_constraints_to_check():
+    assert len(CONSTRAINTS) > 40
+
+
+@pytest.mark.parametrize(("label", "constraint"), CONSTRAINTS, ids=[c[0] for c in CONSTRAINTS])
+def test_every_constraint_says_what_is_wrong_in_words(label, constraint):
+    message = constraint.get_violation_error_message()
+    assert constraint.violation_error_message != constraint.default_violation_error_message, (
+        f"{label} has no violation_error_message: operators would read its raw name"
+    )
+    assert constraint.name not in message
+    assert message[0].isupper() and message.endswith(".")
+
+
+def test_choices_checks_list_the_choices_by_label():
+    constraint = next(
+        c for c in m.PhysicalCopy._meta.constraints if c.name == "physical_copy_integrity_valid"
+    )
+    assert constraint.get_violation_error_message() == (
+        "Integrity must be one of: Not verified yet, Checksum verified, Checksum mismatch, "
+        "Missing on storage."
+    )
+
+
+@pytest.mark.django_db
+def test_a_route_between_one_site_and_itself_is_refused_in_words():
+    site = f.SiteFactory()
+    route = m.DataTransferRoute(name="loop", origin_site=site, destination_site=site)
+    with pytest.raises(ValidationError) as refused:
+        route.full_clean()
+    assert refused.value.messages == ["A route must go from one site to a different site."]
+
+
+@pytest.mark.django_db
+def test_a_second_file_at_the_same_path_is_refused_in_words():
+    first = f.RawDataFileFactory()
+    second = f.RawDataFileFactory.build(
+        source_location=first.source_location,
+        relative_path=first.relative_path,
+        executed_obs_unit=first.executed_obs_unit,
+        instrument_module=first.instrument_module,
+    )
+    with pytest.raises(ValidationError) as refused:
+        second.full_clean()
+    assert "A file with this path is already registered at this source location." in (
+        refused.value.messages
+    )
+
+
+@pytest.fixture
+def operator_client(db: None) -> Client:
+    groups = ensure_groups()
+    user = f.UserFactory(username="olga", is_staff=True)
+    user.groups.add(groups[OPERATORS])
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def _admin_url(model: type[models.Model], view: str, *args: Any) -> str:
+    opts = model._meta
+    return reverse(f"admin:{opts.app_label}_{opts.model_name}_{view}", args=args)
+
+
+def test_the_admin_form_shows_the_message_of_a_violated_constraint(operator_client):
+    site = f.SiteFactory()
+    response = operator_client.post(
+        _admin_url(m.DataTransferRoute, "add"),
+        {
+            "name": "loop",
+            "origin_site": site.pk,
+            "destination_site": site.pk,
+            "route_type": "buffered",
+            "method": "copy",
+            "active": "on",
+            "priority": 0,
+        },
+    )
+    assert response.status_code == 200
+    body = response.content.decode()
+    assert "A route must go from one site to a different site." in body
+    assert "data_transfer_route_distinct_sites" not in body
+    assert admin.site.is_registered(m.DataTransferRoute)
