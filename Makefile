@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 .PHONY: help install demo test lint typecheck check slurm-up clean distclean
 
 help:
-	@echo "make demo       install, then run the embedded demo on http://127.0.0.1:8000"
+	@echo "make demo       install, then run the embedded demo on http://127.0.0.1:8000 (PORT=8001: another port)"
 	@echo "make test       install, then run the whole test suite"
 	@echo "make lint       ruff check + ruff format --check"
 	@echo "make typecheck  mypy"
@@ -21,8 +21,9 @@ help:
 	@echo "make slurm-up   start a single-node SLURM cluster on this host (root)"
 	@echo "make clean      remove caches and the install stamp; distclean also the venv and var/"
 
+# scripts/make-venv.sh names the package to install when the venv module is missing (Debian).
 $(PY):
-	$(PYTHON) -m venv $(VENV)
+	@scripts/make-venv.sh $(PYTHON) $(VENV)
 
 # Re-installs only when pyproject.toml is newer than the stamp, so repeated runs are instant.
 $(STAMP): pyproject.toml | $(PY)
@@ -32,8 +33,10 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# The port to serve on, e.g. `make demo PORT=8001` when 8000 is taken.
+PORT ?=
 demo: install
-	$(PY) manage.py demo
+	$(PY) manage.py demo $(if $(PORT),--port $(PORT))
 
 # Serial on purpose: on two cores, xdist's per-worker test database creation costs more than it
 # saves for this suite (measured; see docs/operations.md). A non-zero pytest exit fails the

@@ -253,6 +253,13 @@ USERS: dict[str, tuple[tuple[str, ...], bool, bool]] = {
     "admin": ((), True, True),
 }
 ADMIN_USERNAME = "admin"
+# username -> what the account is for, as `manage.py demo` lists the logins (access.py decides).
+USER_ROLES: dict[str, str] = {
+    "viewer": "viewer: reads every page, changes nothing",
+    "scientist": "scientist of CHAI: also changes CHAI's reduction configuration",
+    "operator": "operator: the admin site, the data path and every instrument",
+    "admin": "superuser: everything, including users",
+}
 
 
 # --- Loading ------------------------------------------------------------------------------------

@@ -50,10 +50,15 @@ class Simulation:
 
     def summary(self) -> str:
         return (
-            f"Simulated observations: {self.scans_created} scans created, "
-            f"{self.scans_present} already present; {self.files_created} files registered "
-            f"({self.bytes_written} bytes written), {self.files_present} already registered"
+            f"Simulated observations: {_plural(self.scans_created, 'scan')} created, "
+            f"{self.scans_present} already present; {_plural(self.files_created, 'file')} "
+            f"registered ({_plural(self.bytes_written, 'byte')} written), "
+            f"{self.files_present} already registered"
         )
+
+
+def _plural(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _scan_id(seed: int, index: int) -> uuid.UUID:
@@ -78,7 +83,9 @@ def demo_observations_simulate(
     Each scan picks a demo obs unit, starts, writes ``files_per_module`` files of ``file_size``
     pseudo-random bytes per module of the obs unit into that instrument's SOURCE location
     (``<date>/<scan id>/<module>/...``), registers them with verification, and finishes.
-    Scans already finished are skipped; a scan left running by an interrupted run is resumed.
+    A scan left running by an interrupted run is resumed; a finished scan is not run again, but
+    gets the files it lacks (a re-run with a larger ``files_per_module``). Files already
+    registered are counted, never rewritten, so the same arguments twice create nothing new.
     ``progress(done, count, scan)`` is called after each scan. Raises ``DemoNotLoaded`` when the
     demo obs units or source locations are missing.
     """
@@ -128,7 +135,19 @@ def _simulate_scan(
     scan_id = _scan_id(seed, index)
     existing = ExecutedObsUnit.objects.filter(pk=scan_id).select_related("obs_unit").first()
     if existing is not None and existing.status != ExecutedObsUnit.ObsStatus.RUNNING:
+        # A finished scan still gets the files a larger --files-per-module asks for, and the
+        # ones it has are counted, so a re-run reports what is there.
         result.scans_present += 1
+        _simulate_files(
+            existing,
+            seed=seed,
+            index=index,
+            locations=locations,
+            files_per_module=files_per_module,
+            file_size=file_size,
+            actor=actor,
+            result=result,
+        )
         return existing
     rng = random.Random(f"seed={seed}/scan={index}")
     obs_unit = existing.obs_unit if existing is not None else rng.choice(obs_units)
@@ -154,23 +173,16 @@ def _simulate_scan(
     else:
         result.scans_present += 1
 
-    modules = {c.instrument_module_id: c.instrument_module for c in configurations}
-    for module in modules.values():
-        instrument = module.instrument.name
-        location = locations[instrument]
-        for number in range(files_per_module):
-            _simulate_file(
-                scan,
-                module,
-                number,
-                seed=seed,
-                index=index,
-                location=location,
-                file_type=FILE_TYPE_BY_INSTRUMENT.get(instrument, "dat"),
-                file_size=file_size,
-                actor=actor,
-                result=result,
-            )
+    _simulate_files(
+        scan,
+        seed=seed,
+        index=index,
+        locations=locations,
+        files_per_module=files_per_module,
+        file_size=file_size,
+        actor=actor,
+        result=result,
+    )
     executed_obs_unit_finish(
         scan,
         end_time=start_time + duration,
@@ -182,6 +194,40 @@ def _simulate_scan(
         actor=actor,
     )
     return scan
+
+
+def _simulate_files(
+    scan: ExecutedObsUnit,
+    *,
+    seed: int,
+    index: int,
+    locations: dict[str, DataLocation],
+    files_per_module: int,
+    file_size: int,
+    actor: str,
+    result: Simulation,
+) -> None:
+    """Files 0..files_per_module-1 of every module the scan was started with: the missing ones
+    are written and registered, the others counted as present."""
+    configurations = scan.instrument_module_configurations.select_related(
+        "instrument_module__instrument"
+    ).order_by("instrument_module__instrument__name", "instrument_module__name", "name")
+    modules = {c.instrument_module_id: c.instrument_module for c in configurations}
+    for module in modules.values():
+        instrument = module.instrument.name
+        for number in range(files_per_module):
+            _simulate_file(
+                scan,
+                module,
+                number,
+                seed=seed,
+                index=index,
+                location=locations[instrument],
+                file_type=FILE_TYPE_BY_INSTRUMENT.get(instrument, "dat"),
+                file_size=file_size,
+                actor=actor,
+                result=result,
+            )
 
 
 def _simulate_file(

@@ -314,6 +314,42 @@ def test_an_interrupted_scan_is_resumed() -> None:
     _assert_files_match_the_database()
 
 
+@pytest.mark.parametrize("option", ["--count", "--files-per-module", "--file-size"])
+def test_simulate_refuses_a_negative_number_naming_the_option(option: str) -> None:
+    _run("load_demo_facility")
+    arguments = {"--count": "1", option: "-1"}
+
+    with pytest.raises(CommandError, match=f"^{option} must be 0 or more"):
+        _run("simulate_observations", *(x for pair in arguments.items() for x in pair))
+    assert ExecutedObsUnit.objects.count() == 0
+
+
+def test_simulate_summary_uses_singular_for_one() -> None:
+    _run("load_demo_facility")
+
+    output = _run("simulate_observations", "--count", "1", "--files-per-module", "0")
+
+    assert "1 scan created, 0 already present; 0 files registered (0 bytes written)" in output
+
+
+def test_a_rerun_with_more_files_per_module_fills_the_finished_scans() -> None:
+    _run("load_demo_facility")
+    _run("simulate_observations", "--count", "2", "--files-per-module", "0")
+    assert RawDataFile.objects.count() == 0
+
+    more = _run("simulate_observations", "--count", "2", "--files-per-module", "2")
+    counts = _row_counts()
+    same = _run("simulate_observations", "--count", "2", "--files-per-module", "2")
+
+    # Two scans with two modules each: four modules, two files per module.
+    assert "0 scans created, 2 already present; 8 files registered" in more
+    assert RawDataFile.objects.count() == 8
+    assert all(scan.status == "completed" for scan in ExecutedObsUnit.objects.all())
+    _assert_files_match_the_database()
+    assert _row_counts() == counts
+    assert "0 files registered (0 bytes written), 8 already registered" in same
+
+
 def test_simulate_reports_progress_per_scan_at_verbosity_2() -> None:
     _run("load_demo_facility")
 
@@ -336,8 +372,13 @@ def test_demo_no_serve_sets_everything_up(client: Any, monkeypatch: pytest.Monke
     output = _run("demo", "--no-serve", "--count", "2")
     assert ran == [2]
 
-    assert "Demo ready: http://127.0.0.1:8000/admin/" in output
-    assert f"password '{DEFAULT_PASSWORD}'" in output
+    # Nothing is served with --no-serve, so the demo does not claim to be ready.
+    assert "Demo ready" not in output
+    assert "runserver 127.0.0.1:8000` serves it at http://127.0.0.1:8000/" in output
+    for line in ("viewer     viewer:", "scientist  scientist of CHAI", "operator   operator:"):
+        assert line in output
+    assert "admin      superuser" in output
+    assert f"Password of all four: '{DEFAULT_PASSWORD}'" in output
     assert ExecutedObsUnit.objects.filter(status="completed").count() == 2
     assert get_user_model().objects.filter(username="admin", is_superuser=True).exists()
     # The printed login works on the admin site.
@@ -348,12 +389,31 @@ def test_demo_no_serve_sets_everything_up(client: Any, monkeypatch: pytest.Monke
     assert StateEvent.objects.filter(entity="executed_obs_unit").count() == 4
     _assert_files_match_the_database()
 
-    # A second run is a no-op on the data and no longer claims to know the admin password.
+    # A second run is a no-op on the data, no longer claims to know the passwords, and says
+    # how to get them.
     counts = _row_counts()
     again = _run("demo", "--no-serve", "--count", "2", "--port", "8123")
     assert _row_counts() == counts
-    assert "http://127.0.0.1:8123/admin/" in again
-    assert "the password it already had" in again
+    assert "home page, http://127.0.0.1:8123/)" in again and "8123/admin/" in again
+    assert "Password of" not in again
+    assert "viewer, scientist, operator, admin already existed" in again
+    assert "$DEMO_PASSWORD" in again
+    assert "manage.py load_demo_facility --reset-passwords" in again
+
+
+def test_demo_names_the_password_only_of_the_users_it_created(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pipelines.management.commands import demo
+
+    monkeypatch.setattr(demo.Command, "run_facility", lambda self: None)
+    _run("load_demo_facility")
+    get_user_model().objects.filter(username="viewer").delete()
+
+    output = _run("demo", "--no-serve", "--count", "0", "--password", "new-pass-3")
+
+    assert "Password of viewer: 'new-pass-3'" in output
+    assert "scientist, operator, admin already existed" in output
 
 
 def test_demo_refuses_to_serve_plain_http_when_the_secure_settings_are_on(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,12 +15,14 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from pipelines.demo import (
-    ADMIN_USERNAME,
     DEFAULT_PASSWORD,
     DemoFacility,
     demo_facility_load,
     demo_observations_simulate,
 )
+from pipelines.demo.facility import USER_ROLES
+
+HOST = "127.0.0.1"
 
 Step = tuple[str, Callable[[], None]]
 
@@ -39,8 +43,8 @@ def _between(low: int, high: int) -> Callable[[str], int]:
 class Command(BaseCommand):
     help = (
         "Set up and run the laptop demo: migrate, create the cache table, load the demo "
-        "facility, simulate --count scans, then serve the site (ASGI, daphne) on 127.0.0.1. "
-        "--no-serve stops after the setup."
+        "facility, simulate --count scans, then serve the site (ASGI, daphne) on 127.0.0.1 "
+        "--port. Fails before the setup when the port is taken. --no-serve stops after the setup."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -70,14 +74,26 @@ class Command(BaseCommand):
         self.options = options
         if not options["no_serve"]:
             self.check_plain_http()
+            self.check_port_free()
         self.password = options["password"] or os.environ.get("DEMO_PASSWORD") or DEFAULT_PASSWORD
         self.facility: DemoFacility | None = None
         for label, step in self.setup_steps():
             self.stdout.write(self.style.MIGRATE_HEADING(f"==> {label}"))
             step()
-        self.print_welcome()
-        if not options["no_serve"]:
+        if options["no_serve"]:
+            self.stdout.write(
+                self.style.SUCCESS(
+                    f"Demo set up (--no-serve). `python manage.py runserver {HOST}:"
+                    f"{options['port']}` serves it at {self.url}"
+                )
+            )
+            self.print_welcome()
+        else:
             self.serve()
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.options['port']}/"
 
     # The setup, in order: the last step runs the data path (workers and managers) until
     # nothing is left to do, so the pages show packaged data when the server starts.
@@ -119,19 +135,50 @@ class Command(BaseCommand):
         )
 
     def print_welcome(self) -> None:
-        url = f"http://127.0.0.1:{self.options['port']}/admin/"
-        if self.facility is not None and ADMIN_USERNAME in self.facility.passwords_set:
-            login = f"user {ADMIN_USERNAME!r}, password {self.password!r} (demo only)"
-        else:
-            login = (
-                f"user {ADMIN_USERNAME!r} with the password it already had "
-                "(`manage.py load_demo_facility --reset-passwords` sets the demo password)"
+        """The demo accounts with their roles and how to log in; printed after the setup with
+        --no-serve, else once the server listens."""
+        passwords_set = self.facility.passwords_set if self.facility is not None else []
+        self.stdout.write(f"Demo accounts (log in on the home page, {self.url}):")
+        for username, role in USER_ROLES.items():
+            self.stdout.write(f"  {username:<10} {role}")
+        kept = [username for username in USER_ROLES if username not in passwords_set]
+        if passwords_set:
+            users = "all four" if not kept else ", ".join(passwords_set)
+            self.stdout.write(f"Password of {users}: {self.password!r} (demo only)")
+        if kept:
+            # The loader never overwrites a password it did not just create (the user may have
+            # changed it), so this run cannot know it.
+            self.stdout.write(
+                f"{', '.join(kept)} already existed and kept their password: the one they were "
+                f"created with ($DEMO_PASSWORD or --password then, else {DEFAULT_PASSWORD!r}). "
+                "To set it again: `python manage.py load_demo_facility --reset-passwords` "
+                f"(uses $DEMO_PASSWORD, else {DEFAULT_PASSWORD!r})."
             )
-        self.stdout.write(self.style.SUCCESS(f"Demo ready: {url}"))
-        self.stdout.write(f"Log in as {login}")
+        self.stdout.write(f"Admin site: {self.url}admin/ (operator, admin)")
         self.stdout.write(
             "More data: `manage.py simulate_observations --count N`, then "
             "`manage.py facility run --until-idle` (or leave `manage.py facility run` running)."
+        )
+
+    def check_port_free(self) -> None:
+        """Fail before the setup when the port cannot be bound: daphne only logs a listen
+        failure and returns, so a taken port would otherwise end the demo quietly. A server
+        that takes the port between this check and the start is caught by ``serve``."""
+        port = self.options["port"]
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            # As the server binds: a port left in TIME_WAIT by an earlier demo is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((HOST, port))
+            except OSError as exc:
+                raise CommandError(self.cannot_serve(exc.strerror or str(exc))) from None
+
+    def cannot_serve(self, reason: str) -> str:
+        port = self.options["port"]
+        return (
+            f"cannot serve the demo on {HOST}:{port}: {reason}. Is another server (or an "
+            f"earlier demo) using port {port}? Stop it, or choose another port: "
+            "`python manage.py demo --port 8001` or `make demo PORT=8001`."
         )
 
     def check_plain_http(self) -> None:
@@ -147,9 +194,58 @@ class Command(BaseCommand):
             )
 
     def serve(self) -> None:
+        """Run daphne until it is stopped; say "ready" once it listens. Raises CommandError
+        when it could not listen (daphne itself would log the failure and return normally)."""
+        # Imported here: importing daphne.server installs Twisted's asyncio reactor, which only
+        # the serving process needs.
+        from daphne.management.commands.runserver import Command as Runserver
+
         # WhiteNoise warns at start-up when STATIC_ROOT is missing; the demo serves from the
         # finders, so an empty directory is all it needs.
         Path(settings.STATIC_ROOT).mkdir(parents=True, exist_ok=True)
-        # With daphne first in INSTALLED_APPS, runserver is daphne's ASGI server (HTTP and
-        # websockets). The reloader would run this whole setup a second time in a child.
-        call_command("runserver", f"127.0.0.1:{self.options['port']}", use_reloader=False)
+        self.listening = False
+        self.listen_failure = "the server stopped before it listened"
+        runserver = Runserver()
+        runserver.server_cls = functools.partial(_reporting_server_class(), demo=self)
+        # The reloader would run this whole setup a second time in a child.
+        call_command(
+            runserver,
+            f"{HOST}:{self.options['port']}",
+            use_reloader=False,
+            stdout=self.stdout._out,
+            stderr=self.stderr._out,
+        )
+        if not self.listening:
+            raise CommandError(self.cannot_serve(self.listen_failure))
+
+    def server_listening(self) -> None:
+        self.listening = True
+        self.stdout.write(self.style.SUCCESS(f"Demo ready: {self.url}"))
+        self.print_welcome()
+        self.stdout.write(f"Serving {self.url} until CONTROL-C.")
+        self.stdout.flush()
+
+    def server_failed(self, reason: str) -> None:
+        self.listen_failure = reason
+
+
+@functools.cache
+def _reporting_server_class() -> type:
+    """Daphne's Server, telling the demo command whether it got its port (built on first use;
+    see ``Command.serve`` for why daphne is imported late)."""
+    from daphne.server import Server
+
+    class ReportingServer(Server):
+        def __init__(self, *args: Any, demo: Command, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.demo = demo
+
+        def listen_success(self, port: Any) -> None:
+            super().listen_success(port)
+            self.demo.server_listening()
+
+        def listen_error(self, failure: Any) -> None:
+            self.demo.server_failed(failure.getErrorMessage())
+            super().listen_error(failure)
+
+    return ReportingServer

@@ -10,13 +10,6 @@ from pipelines.demo import DemoNotLoaded, demo_observations_simulate
 from pipelines.models import ExecutedObsUnit
 
 
-def _non_negative(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise ValueError(value)
-    return number
-
-
 class Command(BaseCommand):
     help = (
         "Run N simulated scans of the demo facility: start each, write deterministic raw files "
@@ -26,24 +19,29 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--count", type=_non_negative, required=True, help="number of scans")
+        parser.add_argument("--count", type=int, required=True, help="number of scans")
         parser.add_argument(
             "--seed", type=int, default=0, help="seed for file contents and scan ids (default 0)"
         )
         parser.add_argument(
             "--files-per-module",
-            type=_non_negative,
+            type=int,
             default=3,
             help="raw files each instrument module writes per scan (default 3)",
         )
         parser.add_argument(
             "--file-size",
-            type=_non_negative,
+            type=int,
             default=64 * 1024,
             help="bytes per raw file (default 65536)",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        # Checked here rather than by an argparse type, so the message names the option.
+        for name in ("count", "files_per_module", "file_size"):
+            if options[name] < 0:
+                option = "--" + name.replace("_", "-")
+                raise CommandError(f"{option} must be 0 or more (got {options[name]})")
         count = options["count"]
         verbosity = options["verbosity"]
         # A line per scan when asked, else about twenty progress lines for long runs.
