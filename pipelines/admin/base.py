@@ -9,7 +9,7 @@ columns the operator changed, so it cannot overwrite a state a worker moved mean
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from django.contrib import admin
@@ -26,11 +26,16 @@ from django.utils.http import urlencode
 
 from pipelines.models import (
     DataLocation,
+    DataTransfer,
+    DeletionTask,
     ExecutedObsUnit,
     InstrumentModule,
     InstrumentModuleConfiguration,
+    LongTermArchiveTransfer,
+    PhysicalCopy,
     ReductionSoftwareVersion,
     ReductionStep,
+    StagingJob,
     StateEvent,
     StatefulModel,
     SubObservingProgram,
@@ -67,6 +72,53 @@ _CHOICE_JOINS: dict[type[Model], tuple[str, ...]] = {
     ReductionSoftwareVersion: ("software",),
     ReductionStep: ("pipeline",),
     ExecutedObsUnit: ("obs_unit",),
+    PhysicalCopy: ("location__site",),
+    DataTransfer: ("data_transfer_package", "origin_location__site", "destination_location__site"),
+    LongTermArchiveTransfer: (
+        "raw_data_package",
+        "origin_location__site",
+        "destination_location__site",
+    ),
+    StagingJob: ("user", "destination_location__site"),
+    DeletionTask: ("physical_copy__location__site",),
+}
+
+
+_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def human_size(num_bytes: int | None) -> str:
+    """A byte count as people read it next to the exact number: ``65,536 (64.0 KiB)``;
+    ``512 bytes`` below one KiB; ``-`` for no value."""
+    if num_bytes is None:
+        return "-"
+    if abs(num_bytes) < 1024:
+        return f"{num_bytes:,} bytes"
+    scaled = num_bytes / 1024
+    index = 0
+    while abs(scaled) >= 1024 and index < len(_UNITS) - 1:
+        scaled /= 1024
+        index += 1
+    return f"{num_bytes:,} ({scaled:.1f} {_UNITS[index]})"
+
+
+def size_column(field: str) -> Callable[[Model], str]:
+    """A list column or read-only field showing the byte count ``field`` with ``human_size``,
+    sorted by the field."""
+
+    @admin.display(description=field.replace("_", " "), ordering=field)
+    def show(obj: Model) -> str:
+        return human_size(getattr(obj, field))
+
+    show.__name__ = f"{field}_readable"
+    return show
+
+
+# Byte-count columns of the ops-db. Wherever one is read-only in a form it is shown through
+# ``size_column`` instead (see ``OpsModelAdmin.get_readonly_fields``); lists name the column.
+SIZE_COLUMNS: dict[str, Callable[[Model], str]] = {
+    name: size_column(name)
+    for name in ("size", "size_bytes", "capacity_bytes", "bytes_transferred")
 }
 
 
@@ -86,7 +138,7 @@ def _model_field_names(model: type[Model]) -> set[str]:
     return {f.name for f in model._meta.get_fields()}
 
 
-def _dedupe(names: Iterable[str]) -> list[str]:
+def _dedupe(names: Iterable[Any]) -> list[Any]:
     return list(dict.fromkeys(names))
 
 
@@ -139,13 +191,23 @@ class OpsModelAdmin(ChoiceJoinsMixin, admin.ModelAdmin):
         common = [name for name in SYSTEM_FIELDS if name in present]
         return _dedupe([*common, *self.system_fields, *state_fields(self.model)])
 
-    def get_readonly_fields(self, request: HttpRequest, obj: Model | None = None) -> list[str]:
+    def get_readonly_fields(self, request: HttpRequest, obj: Model | None = None) -> list[Any]:
         fields = [*super().get_readonly_fields(request, obj), *self._locked_fields()]
         if obj is not None:
             fields += list(self.change_readonly_fields)
             if state_fields(self.model):
                 fields.append("timeline")
-        return _dedupe(fields)
+        # A read-only byte count is shown as "65,536 (64.0 KiB)"; get_exclude drops the field.
+        return _dedupe(
+            SIZE_COLUMNS.get(name, name) if isinstance(name, str) else name for name in fields
+        )
+
+    def get_exclude(self, request: HttpRequest, obj: Model | None = None) -> Any:
+        shown = set(self.get_readonly_fields(request, obj))
+        sizes = [name for name, column in SIZE_COLUMNS.items() if column in shown]
+        if not sizes:
+            return super().get_exclude(request, obj)
+        return _dedupe([*(super().get_exclude(request, obj) or ()), *sizes])
 
     def get_fields(self, request: HttpRequest, obj: Model | None = None) -> Any:
         fields = list(super().get_fields(request, obj))

@@ -13,7 +13,7 @@ from pipelines.models import (
 )
 
 from .actions import OPERATION_ACTIONS, reset_failed_package_state
-from .base import OpsModelAdmin, ReadOnlyTabularInline, changelist_link
+from .base import SIZE_COLUMNS, OpsModelAdmin, ReadOnlyTabularInline, changelist_link
 
 # The operation columns every Operation changelist shows after its own columns.
 OPERATION_COLUMNS = ("status", "retry_count", "lease_owner", "updated_at")
@@ -31,7 +31,7 @@ class CopyInline(ReadOnlyTabularInline):
 
 class FileInline(ReadOnlyTabularInline):
     model = RawDataFile
-    fields = ("name", "relative_path", "size", "checksum")
+    fields = ("name", "relative_path", SIZE_COLUMNS["size"], "checksum")
     readonly_fields = fields
     verbose_name_plural = "files (first 50 by path)"
 
@@ -44,7 +44,7 @@ class RawDataFileAdmin(OpsModelAdmin):
         "relative_path",
         "instrument_module",
         "source_location",
-        "size",
+        SIZE_COLUMNS["size"],
         "raw_data_package",
         "created_at",
     )
@@ -59,7 +59,8 @@ class RawDataFileAdmin(OpsModelAdmin):
     ordering = ("-created_at",)
     show_full_result_count = False
     raw_id_fields = ("executed_obs_unit", "raw_data_package")
-    change_readonly_fields = ("size", "checksum", "checksum_algorithm")
+    # Facts of the scan: where the file is and what it holds never change after ingest.
+    change_readonly_fields = ("relative_path", "size", "checksum", "checksum_algorithm")
     inlines = (CopyInline,)
 
 
@@ -74,7 +75,7 @@ class RawDataPackageAdmin(OpsModelAdmin):
         "origin_location",
         "state",
         *OPERATION_COLUMNS,
-        "size",
+        SIZE_COLUMNS["size"],
         "file_count",
         "created_at",
     )
@@ -105,7 +106,7 @@ class RawDataPackageAdmin(OpsModelAdmin):
 
 class PackageOfBundleInline(ReadOnlyTabularInline):
     model = RawDataPackage
-    fields = ("name", "state", "status", "size")
+    fields = ("name", "state", "status", SIZE_COLUMNS["size"])
     readonly_fields = fields
     verbose_name_plural = "raw data packages (first 50)"
 
@@ -114,13 +115,23 @@ class TransferOfBundleInline(ReadOnlyTabularInline):
     model = DataTransfer
     fields = ("destination_location", "status", "unpack_status", "retry_count", "updated_at")
     readonly_fields = fields
-    select_related = ("destination_location__site",)
+    select_related = (
+        "data_transfer_package",
+        "origin_location__site",
+        "destination_location__site",
+    )
     verbose_name_plural = "transfers (first 50)"
 
 
 @admin.register(DataTransferPackage)
 class DataTransferPackageAdmin(OpsModelAdmin):
-    list_display = ("name", "origin_location", *OPERATION_COLUMNS, "size", "created_at")
+    list_display = (
+        "name",
+        "origin_location",
+        *OPERATION_COLUMNS,
+        SIZE_COLUMNS["size"],
+        "created_at",
+    )
     list_filter = ("status", "origin_location__site", "origin_location")
     search_fields = ("name", "relative_path", "checksum")
     list_select_related = ("origin_location__site",)

@@ -6,7 +6,7 @@ from django.contrib import admin
 
 from pipelines.models import DataLocation, DeletionTask, PhysicalCopy, Site
 
-from .base import OpsModelAdmin, OpsTabularInline, ReadOnlyTabularInline
+from .base import SIZE_COLUMNS, OpsModelAdmin, OpsTabularInline, ReadOnlyTabularInline
 
 
 class DataLocationInline(OpsTabularInline):
@@ -32,7 +32,7 @@ class DataLocationAdmin(OpsModelAdmin):
         "priority",
         "active",
         "checksum_algorithm",
-        "capacity_bytes",
+        SIZE_COLUMNS["capacity_bytes"],
     )
     list_filter = ("location_type", "storage_type", "active", "site")
     search_fields = ("name", "site__short_name", "root_path", "s3_bucket", "host")
@@ -51,6 +51,7 @@ class DeletionTaskOfCopyInline(ReadOnlyTabularInline):
     model = DeletionTask
     fields = ("status", "reason", "retry_count", "failure_error_message", "created_at")
     readonly_fields = fields
+    select_related = ("physical_copy__location__site",)
 
 
 @admin.register(PhysicalCopy)

@@ -20,7 +20,7 @@ from pipelines.models import (
     Telescope,
 )
 
-from .base import OpsModelAdmin, OpsTabularInline, ReadOnlyTabularInline
+from .base import SIZE_COLUMNS, OpsModelAdmin, OpsTabularInline, ReadOnlyTabularInline
 
 
 class TelescopeInline(OpsTabularInline):
@@ -149,7 +149,7 @@ class ObsUnitAdmin(OpsModelAdmin):
 
 class RawDataPackageOfScanInline(ReadOnlyTabularInline):
     model = RawDataPackage
-    fields = ("name", "instrument_module", "status", "state", "size", "file_count")
+    fields = ("name", "instrument_module", "status", "state", SIZE_COLUMNS["size"], "file_count")
     readonly_fields = fields
     select_related = ("instrument_module__instrument",)
     verbose_name_plural = "raw data packages (newest first, first 50)"
@@ -167,5 +167,7 @@ class ExecutedObsUnitAdmin(OpsModelAdmin):
     ordering = ("-start_time",)
     show_full_result_count = False
     raw_id_fields = ("obs_unit",)
+    # When the scan started names its files and packages; it never changes afterwards.
+    change_readonly_fields = ("start_time",)
     filter_horizontal = ("instrument_module_configurations",)
     inlines = (RawDataPackageOfScanInline,)

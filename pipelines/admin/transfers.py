@@ -126,6 +126,11 @@ class DataTransferLogAdmin(OpsModelAdmin):
     """Pointers to transfer log files, written by the workers."""
 
     list_display = ("timestamp", "data_transfer", "level", "message", "log_path")
+    list_select_related = (
+        "data_transfer__data_transfer_package",
+        "data_transfer__origin_location__site",
+        "data_transfer__destination_location__site",
+    )
     list_filter = (LogLevelFilter,)
     search_fields = ("message", "log_path")
     date_hierarchy = "timestamp"
@@ -188,7 +193,7 @@ class DeletionTaskAdmin(OpsModelAdmin):
     list_display = ("id", "physical_copy", "reason", *OPERATION_COLUMNS)
     list_filter = ("status", "physical_copy__location__site", "physical_copy__location")
     search_fields = ("reason", "physical_copy__relative_path", "failure_error_message")
-    list_select_related = ("physical_copy",)
+    list_select_related = ("physical_copy__location__site",)
     date_hierarchy = "created_at"
     ordering = ("-created_at",)
     show_full_result_count = False

@@ -22,7 +22,7 @@ from .actions import (
     recover_leases_now,
     retry_failed_runs,
 )
-from .base import OpsModelAdmin, OpsTabularInline, ReadOnlyTabularInline
+from .base import SIZE_COLUMNS, OpsModelAdmin, OpsTabularInline, ReadOnlyTabularInline
 from .files import CopyInline
 
 
@@ -126,7 +126,13 @@ class ReductionStepAdmin(OpsModelAdmin):
 
 class ProductOfRunInline(ReadOnlyTabularInline):
     model = DataProduct
-    fields = ("product_type", "filename", "relative_path", "size_bytes", "stale_since")
+    fields = (
+        "product_type",
+        "filename",
+        "relative_path",
+        SIZE_COLUMNS["size_bytes"],
+        "stale_since",
+    )
     readonly_fields = fields
     verbose_name_plural = "products (newest first, first 50)"
 
@@ -192,7 +198,7 @@ class DataProductAdmin(OpsModelAdmin):
         "filename",
         "product_type",
         "produced_by",
-        "size_bytes",
+        SIZE_COLUMNS["size_bytes"],
         "parameter_version",
         "stale_since",
         "created_at",

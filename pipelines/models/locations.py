@@ -386,4 +386,8 @@ class PhysicalCopy(StatefulModel, TimeStamped):
         ]
 
     def __str__(self) -> str:
-        return f"{self.kind} copy @ {self.location_id}: {self.relative_path} [{self.status}]"
+        # Follows location and its site: admin lists select them (list_select_related).
+        return (
+            f"{self.get_kind_display()} copy at {self.location}: {self.relative_path} "
+            f"[{self.get_status_display()}]"
+        )

@@ -170,7 +170,11 @@ class DataTransfer(Operation):
         ]
 
     def __str__(self) -> str:
-        return f"transfer {self.pk}: {self.data_transfer_package_id} -> {self.destination_location}"
+        # Follows the bundle and both locations with their sites: admin lists select them.
+        return (
+            f"{self.data_transfer_package.name}: {self.origin_location} -> "
+            f"{self.destination_location}"
+        )
 
 
 class DataTransferLog(models.Model):
@@ -224,7 +228,11 @@ class LongTermArchiveTransfer(Operation):
         indexes = operation_indexes("lta_transfer")
 
     def __str__(self) -> str:
-        return f"archive {self.raw_data_package_id} -> {self.destination_location_id}"
+        # Follows the package and both locations with their sites: admin lists select them.
+        return (
+            f"archive {self.raw_data_package.name}: {self.origin_location} -> "
+            f"{self.destination_location}"
+        )
 
 
 class StagingJob(Operation):
@@ -267,7 +275,9 @@ class StagingJob(Operation):
         ]
 
     def __str__(self) -> str:
-        return f"staging job {self.pk} -> {self.destination_location_id}"
+        # A job has no name of its own: who asked, and where the data goes.
+        requester = self.user.get_username() if self.user_id else "system"
+        return f"staging for {requester} -> {self.destination_location}"
 
 
 class DeletionTask(Operation):
@@ -295,7 +305,7 @@ class DeletionTask(Operation):
         indexes = operation_indexes("deletion_task")
 
     def __str__(self) -> str:
-        return f"delete copy {self.physical_copy_id}"
+        return f"delete {self.physical_copy}"
 
 
 class PrimaryTransferCursor(TimeStamped):
@@ -314,4 +324,5 @@ class PrimaryTransferCursor(TimeStamped):
         db_table = "primary_transfer_cursor"
 
     def __str__(self) -> str:
-        return f"round-robin of {self.origin_site_id}: last {self.last_route_id}"
+        last = self.last_route.name if self.last_route_id else "none yet"
+        return f"round-robin of {self.origin_site.short_name}: last route {last}"

@@ -15,6 +15,7 @@ from django.urls import reverse
 
 from access import OPERATORS, ensure_groups
 from pipelines import models as m
+from pipelines.admin.base import human_size
 from tests import factories as f
 
 
@@ -113,3 +114,66 @@ def test_the_admin_form_shows_the_message_of_a_violated_constraint(operator_clie
     assert "A route must go from one site to a different site." in body
     assert "data_transfer_route_distinct_sites" not in body
     assert admin.site.is_registered(m.DataTransferRoute)
+
+
+# --- labels and sizes ----------------------------------------------------------------------------
+@pytest.mark.django_db
+def test_operation_labels_name_their_objects_and_locations():
+    copy = f.PhysicalCopyFactory()
+    location = str(copy.location)
+    assert str(copy) == f"Raw data package copy at {location}: {copy.relative_path} [Present]"
+
+    transfer = f.DataTransferFactory()
+    assert str(transfer) == (
+        f"{transfer.data_transfer_package.name}: {transfer.origin_location} -> "
+        f"{transfer.destination_location}"
+    )
+    archive = f.LongTermArchiveTransferFactory()
+    assert archive.raw_data_package.name in str(archive)
+    assert str(archive.destination_location) in str(archive)
+
+    job = f.StagingJobFactory(user=f.UserFactory(username="stella"))
+    assert str(job) == f"staging for stella -> {job.destination_location}"
+
+    deletion = f.DeletionTaskFactory()
+    assert str(deletion) == f"delete {deletion.physical_copy}"
+    assert ":" in str(deletion.physical_copy.location)
+
+
+@pytest.mark.parametrize(
+    ("num_bytes", "shown"),
+    [
+        (None, "-"),
+        (0, "0 bytes"),
+        (512, "512 bytes"),
+        (65536, "65,536 (64.0 KiB)"),
+        (5 * 1024**3, "5,368,709,120 (5.0 GiB)"),
+        (3 * 1024**6, f"{3 * 1024**6:,} (3072.0 PiB)"),
+    ],
+)
+def test_sizes_read_as_bytes_and_binary_units(num_bytes, shown):
+    assert human_size(num_bytes) == shown
+
+
+def test_the_file_list_shows_sizes_readable(operator_client):
+    f.RawDataFileFactory(size=65536)
+    response = operator_client.get(_admin_url(m.RawDataFile, "changelist"))
+    assert "65,536 (64.0 KiB)" in response.content.decode()
+
+
+def test_ingest_facts_are_read_only_after_ingest(operator_client):
+    raw_file = f.RawDataFileFactory(size=65536)
+    response = operator_client.get(_admin_url(m.RawDataFile, "change", raw_file.pk))
+    form = response.context["adminform"].form
+    for name in ("relative_path", "size", "checksum"):
+        assert name not in form.fields
+    assert "65,536 (64.0 KiB)" in response.content.decode()
+
+    scan = f.ExecutedObsUnitFactory()
+    response = operator_client.get(_admin_url(m.ExecutedObsUnit, "change", scan.pk))
+    assert "start_time" not in response.context["adminform"].form.fields
+    # Both are still entered when a row is added by hand.
+    response = operator_client.get(_admin_url(m.ExecutedObsUnit, "add"))
+    assert "start_time" in response.context["adminform"].form.fields
+    response = operator_client.get(_admin_url(m.RawDataFile, "add"))
+    assert {"relative_path", "size"} <= set(response.context["adminform"].form.fields)
