@@ -14,15 +14,148 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 from django import forms
 from django.core.exceptions import ValidationError
 
+# --- Characters ----------------------------------------------------------------------------------
+
+# Unicode categories refused in every value: control (Cc), format (Cf: zero-width and
+# direction-overriding characters such as U+200B and U+202E), line and paragraph separators (Zl,
+# Zp). They are invisible or reorder what an operator reads, and a line break inside a path or a
+# number would start a new line in the rendered script.
+_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+# unicodedata has no names for control characters.
+_CONTROL_NAMES = {
+    "\x00": "NULL",
+    "\t": "CHARACTER TABULATION",
+    "\n": "LINE FEED",
+    "\x0b": "LINE TABULATION",
+    "\x0c": "FORM FEED",
+    "\r": "CARRIAGE RETURN",
+    "\x1b": "ESCAPE",
+    "\x7f": "DELETE",
+    "\x85": "NEXT LINE",
+}
+
+
+def describe_character(ch: str) -> str:
+    """``"U+202E RIGHT-TO-LEFT OVERRIDE"``: how an error message names a character."""
+    name = _CONTROL_NAMES.get(ch) or unicodedata.name(ch, "") or "control character"
+    return f"U+{ord(ch):04X} {name}"
+
+
+def forbidden_character(text: str, *, multiline: bool = False) -> str | None:
+    """The first character of ``text`` in a refused category (see _FORBIDDEN_CATEGORIES), or
+    None. ``multiline`` allows line breaks: ``\\n``, and ``\\r\\n`` as browsers send a
+    textarea's lines; nothing else (not even a tab)."""
+    if multiline:
+        text = text.replace("\r\n", "\n")
+    for ch in text:
+        if multiline and ch == "\n":
+            continue
+        if unicodedata.category(ch) in _FORBIDDEN_CATEGORIES:
+            return ch
+    return None
+
+
+def forbidden_character_message(ch: str) -> str:
+    return f"must not contain {describe_character(ch)} (an invisible or control character)"
+
+
+# --- Numbers -------------------------------------------------------------------------------------
+
+# What the number fields accept: ASCII digits, one optional sign, decimal point and exponent.
+# Narrower than float()/int(), which also take "1_0" (as 10), other scripts' digits and
+# surrounding Unicode blanks; none of that is a number an operator meant to type.
+_DECIMAL_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]+(?:\.0*)?")
+_NON_FINITE_WORDS = frozenset({"inf", "infinity", "nan"})
+
+
+def parse_number(text: str) -> float:
+    """``text`` (surrounding blanks removed) as a finite float, or ValidationError saying that it
+    is not a number, not a finite one, or out of range (``1e999``, which float() makes inf)."""
+    item = text.strip()
+    if not _DECIMAL_TEXT.fullmatch(item):
+        if item.lower().lstrip("+-") in _NON_FINITE_WORDS:
+            raise ValidationError("%(item)r is not a finite number", params={"item": item})
+        raise ValidationError("%(item)r is not a number", params={"item": _shorten(item)})
+    number = float(item)
+    if not math.isfinite(number):
+        raise ValidationError("%(item)s is out of range", params={"item": _shorten(item)})
+    return number
+
+
+class FloatField(forms.FloatField):
+    """A float typed as text: ASCII decimal or scientific notation only (see parse_number).
+
+    The widget is a text input with ``inputmode="decimal"``, not ``type=number``: a browser blanks
+    a number input it cannot represent (``1e999``) before sending it, and the server could then
+    only say "required"; as text, what was typed comes back with the reason."""
+
+    widget = forms.TextInput(attrs={"inputmode": "decimal", "autocomplete": "off"})
+
+    def to_python(self, value: Any) -> float | None:  # type: ignore[override]
+        if value in self.empty_values:
+            return None
+        text = str(value).strip()
+        if not text:
+            return None
+        try:
+            return parse_number(text)
+        except ValidationError as exc:
+            message = exc.messages[0]
+            if "out of range" in message:
+                raise ValidationError(
+                    _with_bounds(message, self.min_value, self.max_value)
+                ) from None
+            raise ValidationError(f"Enter a number: {message}") from None
+
+
+def _with_bounds(message: str, minimum: Any, maximum: Any) -> str:
+    """``message`` followed by the allowed range, e.g. "(at least 0 and at most 5)"."""
+    bounds = []
+    if minimum is not None:
+        bounds.append(f"at least {minimum}")
+    if maximum is not None:
+        bounds.append(f"at most {maximum}")
+    return f"{message} ({' and '.join(bounds)})" if bounds else message
+
+
+class IntegerField(forms.IntegerField):
+    """A whole number typed as text: ASCII digits with an optional sign (``2.0`` allowed, as a
+    JSON import may hold it); no underscores, no other scripts' digits. Text input like
+    FloatField, for the same reason."""
+
+    widget = forms.TextInput(attrs={"inputmode": "numeric", "autocomplete": "off"})
+
+    def to_python(self, value: Any) -> int | None:
+        if value in self.empty_values:
+            return None
+        text = str(value).strip()
+        if not text:
+            return None
+        if not _INTEGER_TEXT.fullmatch(text):
+            raise ValidationError(
+                "Enter a whole number: %(item)r is not a whole number",
+                params={"item": _shorten(text)},
+            )
+        digits = text.split(".", 1)[0]
+        if len(digits.lstrip("+-")) > 18:
+            # Also keeps int() clear of Python's 4300-digit conversion limit.
+            raise ValidationError(
+                _with_bounds(f"{_shorten(text)} is out of range", self.min_value, self.max_value)
+            )
+        return int(digits)
+
+
 # --- Integer range lists ("1,3-5") ---------------------------------------------------------------
 
-_RANGE_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+_RANGE_ITEM = re.compile(r"^\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?$")
 # No detector, pixel or bank index comes near this; it also keeps int() clear of Python's
 # 4300-digit conversion limit, which would otherwise raise ValueError instead of a form error.
 _MAX_INDEX_DIGITS = 9
@@ -155,16 +288,7 @@ class FloatListField(forms.CharField):
             return []
         numbers: list[float] = []
         for item in text.split(","):
-            try:
-                number = float(item.strip())
-            except ValueError:
-                raise ValidationError(
-                    "%(item)r is not a number", params={"item": item.strip()}
-                ) from None
-            if not math.isfinite(number):
-                raise ValidationError(
-                    "%(item)r is not a finite number", params={"item": item.strip()}
-                )
+            number = parse_number(item)
             if self.item_min is not None and number < self.item_min:
                 raise ValidationError(
                     "%(value)s is below %(minimum)s",
@@ -243,8 +367,9 @@ class AbsolutePathField(forms.CharField):
             return ""
         if not text.startswith("/"):
             raise ValidationError("must be an absolute path starting with /")
-        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
-            raise ValidationError("must not contain control characters")
+        bad = forbidden_character(text)
+        if bad is not None:
+            raise ValidationError(forbidden_character_message(bad))
         if "/../" in f"{text}/" or text.endswith("/.."):
             raise ValidationError("must not contain ..")
         if self.suffixes and not text.endswith(self.suffixes):
@@ -451,11 +576,46 @@ class ReductionForm(forms.Form):
         self._binding_problems = {}
         self._unknown_keys = []
 
+    def _character_problems(self) -> dict[str, str]:
+        """Fields whose submitted text holds a refused character (see forbidden_character):
+        checked here, on the raw text, because the fields strip surrounding blanks (U+2028 and
+        U+0085 among them) and Django's number fields would accept what remains. Text areas
+        may hold line breaks."""
+        problems: dict[str, str] = {}
+        for name, field in self.fields.items():
+            raw = field.widget.value_from_datadict(self.data, self.files, self.add_prefix(name))
+            texts = raw if isinstance(raw, list) else [raw]
+            multiline = isinstance(field.widget, forms.Textarea)
+            for text in texts:
+                bad = (
+                    forbidden_character(text, multiline=multiline)
+                    if isinstance(text, str)
+                    else None
+                )
+                if bad is not None:
+                    problems[name] = forbidden_character_message(bad)
+                    break
+        return problems
+
     def full_clean(self) -> None:
-        super().full_clean()
+        problems = self._character_problems() if self.is_bound else {}
+        if problems:
+            # Clean without the refused values, so that neither the fields nor the cross-field
+            # rules of clean() act on them; the page still shows what was submitted.
+            submitted: Any = self.data  # a QueryDict from a request, a dict from from_values
+            data = submitted.copy()
+            for name in problems:
+                data.pop(self.add_prefix(name), None)
+            self.data = data
+            try:
+                super().full_clean()
+            finally:
+                self.data = submitted
+        else:
+            super().full_clean()
         if not self.is_bound:
             return
-        for name, problem in self._binding_problems.items():
+        for name, problem in (problems | self._binding_problems).items():
             # The field parsed an empty value in place of the rejected one; its message would
             # only confuse, so the binding problem replaces it.
             self.errors.pop(name, None)

@@ -24,7 +24,12 @@ from typing import TYPE_CHECKING, Any
 from django.db import DatabaseError, transaction
 
 from reduction.errors import InvalidParameters, ReductionConfigError, ScriptWriteError
-from reduction.forms import errors_as_dict, has_unstorable_text
+from reduction.forms import (
+    errors_as_dict,
+    forbidden_character,
+    forbidden_character_message,
+    has_unstorable_text,
+)
 from reduction.instruments import get_instrument
 from reduction.instruments.base import Instrument
 from reduction.models import (
@@ -111,8 +116,12 @@ def validate_comment(instrument_key: str, comment: str) -> str:
     problems = []
     if len(comment) > COMMENT_MAX_LENGTH:
         problems.append(f"at most {COMMENT_MAX_LENGTH} characters, got {len(comment)}")
+    bad = forbidden_character(comment)
     if has_unstorable_text(comment):
         problems.append("contains a NUL character or invalid Unicode")
+    elif bad is not None:
+        # Inside the comment: the blanks stripped above (a newline from the shell) are harmless.
+        problems.append(forbidden_character_message(bad))
     if problems:
         raise InvalidParameters(instrument_key, {"comment": problems})
     return comment
@@ -330,7 +339,10 @@ def reduction_config_update(
     """Save a complete value set of one instrument and install its script.
 
     In one transaction, holding the instrument's lock row: store the properties whose value
-    changed (one PropertyModification each, with old and new value, user and the new version),
+    changed (one PropertyModification each, with old and new value, user and the new version;
+    a key never stored counts as holding its default, which is its old value, so the first save
+    records only what differs from the defaults; ``changed_keys`` lists the same keys), store
+    the never-stored keys that kept their default without an audit row,
     create the next ParameterSet with the rendered script and its sha256, send
     ``reduction.signals.parameter_set_created`` (its receivers write in this transaction: the
     workflow marks products made with older versions stale), and atomically replace
@@ -372,11 +384,11 @@ def reduction_config_update(
             ReductionConfigLock.objects.select_for_update().get(instrument=instrument_key)
             latest = ParameterSet.objects.latest_for(instrument_key)
             rows = {p.key: p for p in ReductionProperty.objects.filter(instrument=instrument_key)}
-            changed = [
-                k
-                for k, v in cleaned.items()
-                if k not in rows or not stored_values_equal(rows[k].value, v)
-            ]
+            # What the form showed: the stored value, else the default (never saved, or a key
+            # added since the last save). Only keys that differ from it count as changed.
+            defaults = instrument.defaults()
+            shown = {k: rows[k].value if k in rows else defaults.get(k) for k in cleaned}
+            changed = [k for k, v in cleaned.items() if not stored_values_equal(shown[k], v)]
 
             if not changed and latest is not None and stored_values_equal(latest.values, cleaned):
                 script = _render(instrument, cleaned, latest.number)
@@ -400,9 +412,16 @@ def reduction_config_update(
                 comment=comment,
                 action=action,
             )
+            # Every key gets a row, so that the stored values stay complete if a default changes
+            # in a later release; those that kept their default get no audit row.
+            for key in cleaned:
+                if key not in rows and key not in changed:
+                    ReductionProperty.objects.create(
+                        instrument=instrument_key, key=key, value=cleaned[key]
+                    )
             for key in changed:
                 row = rows.get(key)
-                old = row.value if row is not None else None
+                old = shown[key]
                 if row is None:
                     row = ReductionProperty.objects.create(
                         instrument=instrument_key, key=key, value=cleaned[key]

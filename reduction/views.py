@@ -58,7 +58,9 @@ def _require_change(request: HttpRequest, instrument: Instrument) -> User:
 def _confirm(request: HttpRequest, instrument: Instrument, result: ConfigWriteResult) -> None:
     ps = result.parameter_set
     if result.created:
-        changed = ", ".join(result.changed_keys) or "script only"
+        changed = ", ".join(result.changed_keys) or (
+            "none from the defaults" if ps.number == 1 else "script only"
+        )
         text = f"Saved {instrument.label} version {ps.number} (changed: {changed})."
     else:
         text = f"No changes: version {ps.number} is current."
@@ -91,7 +93,7 @@ def configure(request: HttpRequest, key: str) -> HttpResponse:
     if request.method == "POST":
         author = _require_change(request, instrument)
         form = instrument.form_class(request.POST)
-        comment = request.POST.get("comment", "").strip()
+        comment = request.POST.get("comment", "")
         if form.is_valid():
             try:
                 result = reduction_config_update(

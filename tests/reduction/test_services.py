@@ -127,7 +127,7 @@ def test_reset_saves_the_defaults_as_an_audited_version() -> None:
     [
         ({"e_step": None}, "e_step: missing"),
         ({"colour": "blue"}, "colour: unknown parameter"),
-        ({"e_min": "abc"}, "e_min: Enter a number."),
+        ({"e_min": "abc"}, "e_min: Enter a number: 'abc' is not a number"),
         ({"e_min": [1]}, "e_min: expected a number, got a list"),
         ({"mask": "Bank=99"}, "mask: line 1, Bank: 99 is above the largest allowed value 50"),
     ],
@@ -442,3 +442,32 @@ def test_a_comment_is_kept_without_surrounding_blanks() -> None:
         "cncs", values=reduction_config_current("cncs"), user=None, comment="  beam stop \n"
     )
     assert result.parameter_set.comment == "beam stop"
+
+
+def test_the_first_save_records_only_the_keys_that_differ_from_the_defaults() -> None:
+    user = UserFactory()
+    defaults = reduction_config_current("cncs")
+
+    result = reduction_config_update("cncs", values=defaults | {"e_min": -0.1}, user=user)
+
+    assert result.changed_keys == ["e_min"]
+    (mod,) = PropertyModification.objects.filter(parameter_set=result.parameter_set)
+    assert (mod.property.key, mod.old_value, mod.new_value) == ("e_min", -0.2, -0.1)
+    # Every key is stored, so a later change of a default does not change the saved values.
+    assert ReductionProperty.objects.filter(instrument="cncs").count() == len(defaults)
+
+    first = reduction_config_update("chai", values=reduction_config_current("chai"), user=user)
+    assert (first.created, first.changed_keys) == (True, [])
+    assert not PropertyModification.objects.filter(parameter_set=first.parameter_set).exists()
+
+
+def test_a_key_added_since_the_last_save_counts_as_holding_its_default() -> None:
+    values = reduction_config_current("cncs")
+    for key, value in values.items():
+        if key != "e_step":
+            ReductionProperty.objects.create(instrument="cncs", key=key, value=value)
+
+    result = reduction_config_update("cncs", values=values | {"e_max": 0.9}, user=None)
+
+    assert result.changed_keys == ["e_max"]
+    assert ReductionProperty.objects.get(instrument="cncs", key="e_step").value == 0.005

@@ -199,8 +199,8 @@ def test_index_lists_every_instrument(client: Any, cncs_scientist: Any) -> None:
         ("flag_pixels", "9" * 5000, "at most 2000 characters"),
         ("flag_pixels", "9" * 40, "too large"),
         ("flag_pixels", ",".join(["1-63"] * 200_000), "at most 2000 characters"),
-        ("baseline_order", "9" * 5000, "Enter a whole number"),
-        ("tsys_max_k", "1e400", "Enter a number"),
+        ("baseline_order", "9" * 5000, "is out of range (at least 0 and at most 5)"),
+        ("tsys_max_k", "1e400", "1e400 is out of range (at least 10 and at most 50000)"),
         ("line_window_kms", "nan, 1", "'nan' is not a finite number"),
     ],
 )
@@ -314,3 +314,17 @@ def test_preview_shows_the_version_a_save_would_make_and_its_diff(
         "cncs", values=reduction_config_current("cncs") | {"e_min": -0.25}, user=None
     )
     assert saved.checksum == changed["checksum"]
+
+
+def test_the_first_save_shows_and_lists_only_what_differs_from_the_defaults(
+    client: Any, cncs_scientist: Any
+) -> None:
+    client.force_login(cncs_scientist)
+    response = client.post(
+        reverse("reduction:configure", args=["cncs"]), post_data("cncs", e_min="-0.1"), follow=True
+    )
+    assert "Saved " + get_instrument("cncs").label + " version 1 (changed: e_min)." in (
+        response.content.decode()
+    )
+    history = client.get(reverse("reduction:history", args=["cncs"])).content.decode()
+    assert history.count("<li><code>") == 1 and "<code>e_min</code>" in history

@@ -6,7 +6,13 @@ from typing import Any
 
 from django import forms
 
-from reduction.forms import FloatListField, IntegerRangeListField, ReductionForm
+from reduction.forms import (
+    FloatField,
+    FloatListField,
+    IntegerField,
+    IntegerRangeListField,
+    ReductionForm,
+)
 
 
 class CHAIForm(ReductionForm):
@@ -17,7 +23,7 @@ class CHAIForm(ReductionForm):
     ]
 
     reduce_lfa = forms.BooleanField(label="Reduce LFA", required=False, initial=True)
-    lfa_line_ghz = forms.FloatField(
+    lfa_line_ghz = FloatField(
         label="LFA line rest frequency",
         min_value=455,
         max_value=495,
@@ -25,21 +31,21 @@ class CHAIForm(ReductionForm):
         help_text="GHz, within the LFA band 455-495 GHz (default CO 4-3)",
     )
     reduce_hfa = forms.BooleanField(label="Reduce HFA", required=False, initial=True)
-    hfa_line_ghz = forms.FloatField(
+    hfa_line_ghz = FloatField(
         label="HFA line rest frequency",
         min_value=800,
         max_value=820,
         initial=806.651806,
         help_text="GHz, within the HFA band 800-820 GHz (default CO 7-6)",
     )
-    tsys_max_k = forms.FloatField(
+    tsys_max_k = FloatField(
         label="Maximum Tsys",
         min_value=10,
         max_value=50000,
         initial=3000.0,
         help_text="K; spectra with a higher system temperature are rejected",
     )
-    spike_sigma = forms.FloatField(
+    spike_sigma = FloatField(
         label="Spike threshold",
         min_value=2,
         max_value=100,
@@ -54,7 +60,7 @@ class CHAIForm(ReductionForm):
         initial="",
         help_text="array pixels 0-63 to ignore, e.g. 3,17-18",
     )
-    baseline_order = forms.IntegerField(
+    baseline_order = IntegerField(
         label="Baseline polynomial order", min_value=0, max_value=5, initial=1
     )
     line_window_kms = FloatListField(
@@ -65,7 +71,7 @@ class CHAIForm(ReductionForm):
         initial=[-20.0, 20.0],
         help_text="km/s, low, high: excluded from the baseline fit, integrated for the line",
     )
-    velocity_resolution_kms = forms.FloatField(
+    velocity_resolution_kms = FloatField(
         label="Velocity resolution",
         min_value=0.01,
         max_value=50,

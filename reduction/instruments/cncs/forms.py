@@ -8,6 +8,7 @@ from django import forms
 
 from reduction.forms import (
     AbsolutePathField,
+    FloatField,
     FloatListField,
     MaskField,
     NameListField,
@@ -57,20 +58,20 @@ class CNCSForm(ReductionForm):
     grouping_file = forms.ChoiceField(
         label="Grouping", choices=GROUPING_CHOICES, initial=f"{GROUPING_DIR}/CNCS_8x2.xml"
     )
-    incident_energy_mev = forms.FloatField(
+    incident_energy_mev = FloatField(
         label="Incident energy",
         min_value=0.5,
         max_value=80,
         initial=3.32,
         help_text="meV; used when the run does not record Ei.",
     )
-    e_min = forms.FloatField(
+    e_min = FloatField(
         label="Emin", min_value=-1, max_value=1, initial=-0.2, help_text="fraction of Ei"
     )
-    e_max = forms.FloatField(
+    e_max = FloatField(
         label="Emax", min_value=-1, max_value=1, initial=0.95, help_text="fraction of Ei"
     )
-    e_step = forms.FloatField(
+    e_step = FloatField(
         label="Energy step",
         min_value=1e-4,
         max_value=0.5,
@@ -88,7 +89,7 @@ class CNCSForm(ReductionForm):
         initial=[44000.0, 47000.0],
         help_text="µs time of flight, low, high",
     )
-    t0_offset_us = forms.FloatField(
+    t0_offset_us = FloatField(
         label="T0 offset", min_value=-1000, max_value=1000, initial=0.0, help_text="µs"
     )
     mask = MaskField(

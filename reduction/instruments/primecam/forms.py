@@ -6,7 +6,7 @@ from typing import Any
 
 from django import forms
 
-from reduction.forms import IntegerRangeListField, ReductionForm
+from reduction.forms import FloatField, IntegerRangeListField, ReductionForm
 
 MODULE_CHOICES = [("280", "280 GHz"), ("350", "350 GHz")]
 
@@ -25,7 +25,7 @@ class PrimeCamForm(ReductionForm):
         widget=forms.CheckboxSelectMultiple,
         help_text="time streams of other modules are skipped",
     )
-    calibration_jy_per_unit = forms.FloatField(
+    calibration_jy_per_unit = FloatField(
         label="Calibration",
         min_value=1e-9,
         max_value=1e9,
@@ -43,20 +43,20 @@ class PrimeCamForm(ReductionForm):
     common_mode = forms.BooleanField(
         label="Remove common mode", required=False, initial=True, help_text="per-sample median"
     )
-    highpass_hz = forms.FloatField(
+    highpass_hz = FloatField(
         label="High-pass cut-off",
         min_value=0,
         max_value=10,
         initial=0.1,
         help_text="Hz; 0 disables the filter",
     )
-    despike_sigma = forms.FloatField(
+    despike_sigma = FloatField(
         label="Despike threshold", min_value=2, max_value=100, initial=5.0, help_text="sigma"
     )
-    pixel_size_arcsec = forms.FloatField(
+    pixel_size_arcsec = FloatField(
         label="Map pixel", min_value=0.5, max_value=120, initial=6.0, help_text="arcsec"
     )
-    map_size_arcsec = forms.FloatField(
+    map_size_arcsec = FloatField(
         label="Map size", min_value=10, max_value=36000, initial=600.0, help_text="arcsec square"
     )
 

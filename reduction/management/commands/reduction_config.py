@@ -7,6 +7,7 @@ instrument's script re-installed.
 from __future__ import annotations
 
 import json
+import math
 from argparse import ArgumentParser
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,19 @@ from reduction.services import (
 )
 
 
+def _json_number(text: str) -> Any:
+    """A JSON number as a float, or as its text when a float cannot hold it (``1e999``, which
+    would become inf): the field then says that the number typed is out of range."""
+    number = float(text)
+    return number if math.isfinite(number) else text
+
+
 def _parse_assignment(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise CommandError(f"{text!r}: expected KEY=VALUE")
     try:
-        value = json.loads(raw)  # numbers, true/false, lists, objects
+        value = json.loads(raw, parse_float=_json_number)  # numbers, true/false, lists, objects
     except (ValueError, RecursionError):
         # Not JSON (JSONDecodeError), or JSON Python will not load (an integer of more than 4300
         # digits, nesting deeper than the recursion limit): plain text, which the field parses
@@ -98,7 +106,9 @@ class Command(BaseCommand):
     def _report(self, result: ConfigWriteResult) -> None:
         ps = result.parameter_set
         if result.created:
-            changed = ", ".join(result.changed_keys) or "script only"
+            changed = ", ".join(result.changed_keys) or (
+                "none from the defaults" if ps.number == 1 else "script only"
+            )
             self.stdout.write(f"{ps}: saved (changed: {changed})")
         else:
             self.stdout.write(f"{ps}: no changes")
@@ -159,7 +169,9 @@ class Command(BaseCommand):
 
     def _import(self, key: str, options: dict[str, Any]) -> None:
         try:
-            document = json.loads(options["file"].read_text(encoding="utf-8"))
+            document = json.loads(
+                options["file"].read_text(encoding="utf-8"), parse_float=_json_number
+            )
         except OSError as exc:
             raise CommandError(f"cannot read {options['file']}: {exc.strerror or exc}") from exc
         except (ValueError, RecursionError) as exc:
