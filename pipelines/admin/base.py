@@ -102,24 +102,33 @@ def human_size(num_bytes: int | None) -> str:
     return f"{num_bytes:,} ({scaled:.1f} {_UNITS[index]})"
 
 
-def size_column(field: str) -> Callable[[Model], str]:
-    """A list column or read-only field showing the byte count ``field`` with ``human_size``,
-    sorted by the field."""
+def size_column(field: str) -> Callable[[Any, Model], str]:
+    """An admin method showing the byte count ``field`` with ``human_size``, sorted by the
+    field."""
 
     @admin.display(description=field.replace("_", " "), ordering=field)
-    def show(obj: Model) -> str:
+    def show(model_admin: Any, obj: Model) -> str:
         return human_size(getattr(obj, field))
 
-    show.__name__ = f"{field}_readable"
     return show
 
 
-# Byte-count columns of the ops-db. Wherever one is read-only in a form it is shown through
-# ``size_column`` instead (see ``OpsModelAdmin.get_readonly_fields``); lists name the column.
-SIZE_COLUMNS: dict[str, Callable[[Model], str]] = {
-    name: size_column(name)
+# Byte-count columns of the ops-db -> the ReadableSizes method that shows them. Lists and
+# inlines name the method; a change form shows it wherever the field is read-only (see
+# ``OpsModelAdmin.get_readonly_fields``).
+SIZE_COLUMNS: dict[str, str] = {
+    name: f"{name}_readable"
     for name in ("size", "size_bytes", "capacity_bytes", "bytes_transferred")
 }
+
+
+class ReadableSizes:
+    """The ``SIZE_COLUMNS`` methods, for admins and inlines."""
+
+    size_readable = size_column("size")
+    size_bytes_readable = size_column("size_bytes")
+    capacity_bytes_readable = size_column("capacity_bytes")
+    bytes_transferred_readable = size_column("bytes_transferred")
 
 
 def admin_actor(request: HttpRequest) -> str:
@@ -138,7 +147,7 @@ def _model_field_names(model: type[Model]) -> set[str]:
     return {f.name for f in model._meta.get_fields()}
 
 
-def _dedupe(names: Iterable[Any]) -> list[Any]:
+def _dedupe(names: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
@@ -172,7 +181,7 @@ class ChoiceJoinsMixin(BaseModelAdmin):
         return super().formfield_for_manytomany(db_field, request, **kwargs)
 
 
-class OpsModelAdmin(ChoiceJoinsMixin, admin.ModelAdmin):
+class OpsModelAdmin(ReadableSizes, ChoiceJoinsMixin, admin.ModelAdmin):
     """Base admin for ops-db models.
 
     Subclasses list extra system-written columns in ``system_fields`` (read-only on change,
@@ -191,16 +200,14 @@ class OpsModelAdmin(ChoiceJoinsMixin, admin.ModelAdmin):
         common = [name for name in SYSTEM_FIELDS if name in present]
         return _dedupe([*common, *self.system_fields, *state_fields(self.model)])
 
-    def get_readonly_fields(self, request: HttpRequest, obj: Model | None = None) -> list[Any]:
+    def get_readonly_fields(self, request: HttpRequest, obj: Model | None = None) -> list[str]:
         fields = [*super().get_readonly_fields(request, obj), *self._locked_fields()]
         if obj is not None:
             fields += list(self.change_readonly_fields)
             if state_fields(self.model):
                 fields.append("timeline")
         # A read-only byte count is shown as "65,536 (64.0 KiB)"; get_exclude drops the field.
-        return _dedupe(
-            SIZE_COLUMNS.get(name, name) if isinstance(name, str) else name for name in fields
-        )
+        return _dedupe(SIZE_COLUMNS.get(name, name) for name in fields)
 
     def get_exclude(self, request: HttpRequest, obj: Model | None = None) -> Any:
         shown = set(self.get_readonly_fields(request, obj))
@@ -330,7 +337,7 @@ class BoundedInlineFormSet(BaseInlineFormSet):
         return self._bounded_queryset
 
 
-class ReadOnlyTabularInline(admin.TabularInline):
+class ReadOnlyTabularInline(ReadableSizes, admin.TabularInline):
     """A view-only inline: no add, change or delete, at most ``INLINE_LIMIT`` rows, each with a
     link to its own change page. Left out of add pages (see ``OpsModelAdmin.get_inlines``)."""
 

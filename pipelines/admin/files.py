@@ -13,7 +13,7 @@ from pipelines.models import (
 )
 
 from .actions import OPERATION_ACTIONS, reset_failed_package_state
-from .base import SIZE_COLUMNS, OpsModelAdmin, ReadOnlyTabularInline, changelist_link
+from .base import OpsModelAdmin, ReadOnlyTabularInline, changelist_link
 
 # The operation columns every Operation changelist shows after its own columns.
 OPERATION_COLUMNS = ("status", "retry_count", "lease_owner", "updated_at")
@@ -31,7 +31,7 @@ class CopyInline(ReadOnlyTabularInline):
 
 class FileInline(ReadOnlyTabularInline):
     model = RawDataFile
-    fields = ("name", "relative_path", SIZE_COLUMNS["size"], "checksum")
+    fields = ("name", "relative_path", "size_readable", "checksum")
     readonly_fields = fields
     verbose_name_plural = "files (first 50 by path)"
 
@@ -44,7 +44,7 @@ class RawDataFileAdmin(OpsModelAdmin):
         "relative_path",
         "instrument_module",
         "source_location",
-        SIZE_COLUMNS["size"],
+        "size_readable",
         "raw_data_package",
         "created_at",
     )
@@ -75,7 +75,7 @@ class RawDataPackageAdmin(OpsModelAdmin):
         "origin_location",
         "state",
         *OPERATION_COLUMNS,
-        SIZE_COLUMNS["size"],
+        "size_readable",
         "file_count",
         "created_at",
     )
@@ -106,7 +106,7 @@ class RawDataPackageAdmin(OpsModelAdmin):
 
 class PackageOfBundleInline(ReadOnlyTabularInline):
     model = RawDataPackage
-    fields = ("name", "state", "status", SIZE_COLUMNS["size"])
+    fields = ("name", "state", "status", "size_readable")
     readonly_fields = fields
     verbose_name_plural = "raw data packages (first 50)"
 
@@ -129,7 +129,7 @@ class DataTransferPackageAdmin(OpsModelAdmin):
         "name",
         "origin_location",
         *OPERATION_COLUMNS,
-        SIZE_COLUMNS["size"],
+        "size_readable",
         "created_at",
     )
     list_filter = ("status", "origin_location__site", "origin_location")

@@ -6,7 +6,7 @@ from django.contrib import admin
 
 from pipelines.models import DataLocation, DeletionTask, PhysicalCopy, Site
 
-from .base import SIZE_COLUMNS, OpsModelAdmin, OpsTabularInline, ReadOnlyTabularInline
+from .base import OpsModelAdmin, OpsTabularInline, ReadOnlyTabularInline
 
 
 class DataLocationInline(OpsTabularInline):
@@ -32,7 +32,7 @@ class DataLocationAdmin(OpsModelAdmin):
         "priority",
         "active",
         "checksum_algorithm",
-        SIZE_COLUMNS["capacity_bytes"],
+        "capacity_bytes_readable",
     )
     list_filter = ("location_type", "storage_type", "active", "site")
     search_fields = ("name", "site__short_name", "root_path", "s3_bucket", "host")

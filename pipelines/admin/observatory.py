@@ -20,7 +20,7 @@ from pipelines.models import (
     Telescope,
 )
 
-from .base import SIZE_COLUMNS, OpsModelAdmin, OpsTabularInline, ReadOnlyTabularInline
+from .base import OpsModelAdmin, OpsTabularInline, ReadOnlyTabularInline
 
 
 class TelescopeInline(OpsTabularInline):
@@ -149,7 +149,7 @@ class ObsUnitAdmin(OpsModelAdmin):
 
 class RawDataPackageOfScanInline(ReadOnlyTabularInline):
     model = RawDataPackage
-    fields = ("name", "instrument_module", "status", "state", SIZE_COLUMNS["size"], "file_count")
+    fields = ("name", "instrument_module", "status", "state", "size_readable", "file_count")
     readonly_fields = fields
     select_related = ("instrument_module__instrument",)
     verbose_name_plural = "raw data packages (newest first, first 50)"

@@ -22,7 +22,7 @@ from .actions import (
     recover_leases_now,
     retry_failed_runs,
 )
-from .base import SIZE_COLUMNS, OpsModelAdmin, OpsTabularInline, ReadOnlyTabularInline
+from .base import OpsModelAdmin, OpsTabularInline, ReadOnlyTabularInline
 from .files import CopyInline
 
 
@@ -130,7 +130,7 @@ class ProductOfRunInline(ReadOnlyTabularInline):
         "product_type",
         "filename",
         "relative_path",
-        SIZE_COLUMNS["size_bytes"],
+        "size_bytes_readable",
         "stale_since",
     )
     readonly_fields = fields
@@ -198,7 +198,7 @@ class DataProductAdmin(OpsModelAdmin):
         "filename",
         "product_type",
         "produced_by",
-        SIZE_COLUMNS["size_bytes"],
+        "size_bytes_readable",
         "parameter_version",
         "stale_since",
         "created_at",

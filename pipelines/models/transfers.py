@@ -276,7 +276,7 @@ class StagingJob(Operation):
 
     def __str__(self) -> str:
         # A job has no name of its own: who asked, and where the data goes.
-        requester = self.user.get_username() if self.user_id else "system"
+        requester = self.user.get_username() if self.user else "system"
         return f"staging for {requester} -> {self.destination_location}"
 
 
@@ -324,5 +324,5 @@ class PrimaryTransferCursor(TimeStamped):
         db_table = "primary_transfer_cursor"
 
     def __str__(self) -> str:
-        last = self.last_route.name if self.last_route_id else "none yet"
+        last = self.last_route.name if self.last_route else "none yet"
         return f"round-robin of {self.origin_site.short_name}: last route {last}"

@@ -16,6 +16,7 @@ from django.urls import reverse
 from access import OPERATORS, ensure_groups
 from pipelines import models as m
 from pipelines.admin.base import human_size
+from pipelines.admin.site import TOPIC_APPS, TOPICS
 from tests import factories as f
 
 
@@ -177,3 +178,49 @@ def test_ingest_facts_are_read_only_after_ingest(operator_client):
     assert "start_time" in response.context["adminform"].form.fields
     response = operator_client.get(_admin_url(m.RawDataFile, "add"))
     assert {"relative_path", "size"} <= set(response.context["adminform"].form.fields)
+
+
+# --- the index by topic --------------------------------------------------------------------------
+def test_every_registered_pipelines_model_is_in_one_topic():
+    placed = [label for labels in TOPICS.values() for label in labels]
+    assert len(placed) == len(set(placed)), "a model is in two topics"
+    registered = {
+        model._meta.label for model in admin.site._registry if model._meta.app_label in TOPIC_APPS
+    }
+    assert registered - set(placed) == set(), "registered models in no topic of TOPICS"
+    assert set(placed) - registered == set(), "TOPICS names models that are not registered"
+
+
+@pytest.fixture
+def superuser_client(db: None) -> Client:
+    client = Client()
+    client.force_login(f.UserFactory(username="root", is_staff=True, is_superuser=True))
+    return client
+
+
+def test_the_admin_index_groups_models_by_topic_and_links_the_reduction_pages(superuser_client):
+    response = superuser_client.get(reverse("admin:index"))
+    assert response.status_code == 200
+    app_list = response.context["app_list"]
+    names = [app["name"] for app in app_list]
+    assert names[:6] == ["Observatory", "Data", "Locations", "Transfers", "Workflow", "Audit"]
+    listed = {
+        entry["model"]._meta.label
+        for app in app_list
+        for entry in app["models"]
+        if "model" in entry
+    }
+    assert {model._meta.label for model in admin.site._registry} <= listed
+    body = response.content.decode()
+    assert f'href="{reverse("reduction:index")}"' in body
+    # An app's own page still lists that app.
+    response = superuser_client.get(reverse("admin:app_list", args=["pipelines"]))
+    assert response.status_code == 200
+    assert response.context["app_list"][0]["app_label"] == "pipelines"
+
+
+def test_the_operator_index_shows_only_topics_with_models_they_may_see(operator_client):
+    response = operator_client.get(reverse("admin:index"))
+    assert response.status_code == 200
+    for app in response.context["app_list"]:
+        assert app["models"], f"{app['name']} is an empty group"
