@@ -17,7 +17,9 @@ from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import Prefetch
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.middleware.csrf import CsrfViewMiddleware
 from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from access import can_change_instrument, instrument_group_name
@@ -154,12 +156,31 @@ def _script_state(instrument: Instrument, latest: ParameterSet | None) -> dict[s
     }
 
 
-@login_required
+# What the page's script shows when the preview cannot even start; it clears the old preview.
+SESSION_EXPIRED = "Your session has expired: log in again (reload the page) to preview."
+PAGE_OUT_OF_DATE = "The page is out of date: reload it to preview (unsaved changes are lost)."
+
+
+def _csrf_rejected(request: HttpRequest) -> bool:
+    """Whether Django's CSRF check refuses ``request`` (the same check the middleware makes)."""
+    return (
+        CsrfViewMiddleware(lambda r: HttpResponse()).process_view(request, None, (), {}) is not None
+    )
+
+
+# The page's script calls this with fetch and reads JSON, so the refusals a browser page would get
+# as HTML (the login redirect, the CSRF failure page) are JSON errors here: 401 and 403.
+@csrf_exempt
 @require_POST
 def preview(request: HttpRequest, key: str) -> JsonResponse:
     """The script the submitted values would produce, and its diff against the latest version.
-    Writes nothing, so any logged-in user may ask; answers 400 with per-field errors or 422 with
-    the template error."""
+    Writes nothing, so any logged-in user may ask; answers 400 with per-field errors, 422 with
+    the template error, 401 (``"error": SESSION_EXPIRED``) when not logged in and 403
+    (``PAGE_OUT_OF_DATE``) when the CSRF token is missing or stale."""
+    if not request.user.is_authenticated:
+        return JsonResponse({"ok": False, "error": SESSION_EXPIRED, "reason": "login"}, status=401)
+    if _csrf_rejected(request):
+        return JsonResponse({"ok": False, "error": PAGE_OUT_OF_DATE, "reason": "csrf"}, status=403)
     instrument = _instrument_or_404(key)
     form = instrument.form_class(request.POST)
     if not form.is_valid():

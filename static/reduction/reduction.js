@@ -3,9 +3,50 @@
 "use strict";
 
 (function () {
+  // The summary at the top of the form: a message and one linked line per marked field.
+  var summary = document.getElementById("error-summary");
+
   function clearErrors(form) {
     form.querySelectorAll("[data-errors-for]").forEach(function (list) { list.textContent = ""; });
     form.querySelectorAll(".field.has-error").forEach(function (f) { f.classList.remove("has-error"); });
+    if (summary) {
+      summary.hidden = true;
+      document.getElementById("save-error").textContent = "";
+      document.getElementById("error-summary-list").textContent = "";
+    }
+  }
+
+  function showSummary(message, errors) {
+    if (!summary) { return; }
+    document.getElementById("save-error").textContent = message;
+    var list = document.getElementById("error-summary-list");
+    list.textContent = "";
+    Object.keys(errors || {}).forEach(function (name) {
+      var item = document.createElement("li");
+      var field = document.querySelector('[data-field="' + name + '"]');
+      var label = field && field.querySelector("label");
+      var input = field && field.querySelector("input, textarea, select");
+      if (label && input && input.id) {
+        var link = document.createElement("a");
+        link.href = "#" + input.id;
+        link.textContent = label.textContent;
+        item.appendChild(link);
+        item.appendChild(document.createTextNode(": " + errors[name][0]));
+      } else {
+        item.textContent = (name === "__all__" ? "" : name + ": ") + errors[name][0];
+      }
+      list.appendChild(item);
+    });
+    summary.hidden = false;
+  }
+
+  // Focus the first marked field (in page order), else the summary, scrolling it into view.
+  function focusFirstError(form) {
+    var first = form.querySelector(".field.has-error");
+    var input = first && first.querySelector("input:not([type=hidden]), textarea, select");
+    if (summary && !summary.hidden) { summary.scrollIntoView({ block: "start" }); }
+    if (input) { input.focus({ preventScroll: !!(summary && !summary.hidden) }); }
+    else if (summary && !summary.hidden) { summary.focus(); }
   }
 
   function showErrors(form, errors) {
@@ -19,6 +60,18 @@
         list.appendChild(item);
       });
     });
+  }
+
+  // What to say when the answer is not the preview's JSON: the session expired (the login
+  // page came back, or the server said 401) or the page's CSRF token is stale (403).
+  function failureMessage(response) {
+    if (response.status === 401 || (response.redirected && /\/login\/?/.test(response.url))) {
+      return "Your session has expired: log in again (reload the page) to preview.";
+    }
+    if (response.status === 403) {
+      return "The page is out of date: reload it to preview (unsaved changes are lost).";
+    }
+    return "Preview failed: the server answered " + response.status + " " + response.statusText;
   }
 
   function setupPreview() {
@@ -50,6 +103,18 @@
         diffPre.appendChild(span);
       });
     }
+
+    // Never leave an old preview next to a failure: it would look like the answer.
+    function showFailure(message) {
+      section.hidden = false;
+      pre.textContent = "";
+      sum.textContent = "";
+      diffPre.textContent = "";
+      changes.hidden = true;
+      problem.hidden = false;
+      problem.textContent = message;
+    }
+
     button.addEventListener("click", function () {
       button.disabled = true;
       clearErrors(form);
@@ -57,9 +122,15 @@
         method: "POST",
         body: new FormData(form),
         credentials: "same-origin",
-        headers: { "X-Requested-With": "fetch" },
+        headers: { "X-Requested-With": "fetch", "Accept": "application/json" },
       })
-        .then(function (response) { return response.json(); })
+        .then(function (response) {
+          var type = response.headers.get("Content-Type") || "";
+          if (type.indexOf("application/json") === -1) {
+            return { ok: false, error: failureMessage(response) };
+          }
+          return response.json();
+        })
         .then(function (data) {
           section.hidden = false;
           if (data.ok) {
@@ -67,23 +138,29 @@
             pre.textContent = data.script;
             sum.textContent = "as version " + data.version + ", sha256 " + data.checksum + " (not saved)";
             showDiff(data);
+            section.scrollIntoView({ block: "nearest" });
+          } else if (data.errors) {
+            showFailure("Fix the fields marked in the form to see the script.");
+            showErrors(form, data.errors);
+            showSummary("Cannot preview: some values are invalid (see the fields marked below).", data.errors);
+            focusFirstError(form);
           } else {
-            pre.textContent = "";
-            sum.textContent = "";
-            changes.hidden = true;
-            problem.hidden = false;
-            problem.textContent = data.error || "Fix the fields marked in the form to see the script.";
-            if (data.errors) { showErrors(form, data.errors); }
+            showFailure(data.error || "Preview failed.");
+            showSummary(data.error || "Preview failed.", {});
+            focusFirstError(form);
           }
-          section.scrollIntoView({ block: "nearest" });
         })
         .catch(function (err) {
-          section.hidden = false;
-          problem.hidden = false;
-          problem.textContent = "Preview failed: " + err;
+          showFailure("Preview failed: " + err);
         })
         .finally(function () { button.disabled = false; });
     });
+  }
+
+  // After a refused save the server marked the fields: start at the first one.
+  function setupFocus() {
+    var form = document.getElementById("config-form");
+    if (form && summary && !summary.hidden) { focusFirstError(form); }
   }
 
   function setupConfirm() {
@@ -117,6 +194,7 @@
   }
 
   setupPreview();
+  setupFocus();
   setupConfirm();
   setupCompare();
   setupOnlyChanged();

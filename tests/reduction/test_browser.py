@@ -72,3 +72,51 @@ def test_scientist_previews_saves_resets_and_compares(browser_page: Any) -> None
     assert "+E_MIN = -0.2" in page.inner_text("#script-diff")
     page.uncheck("#only-changed")
     assert page.is_visible('#diff-values tr[data-key="grouping_file"]')
+
+
+def test_errors_are_summarised_on_top_and_failed_previews_say_why(browser_page: Any) -> None:
+    page = browser_page
+    page.goto("/reduction/cncs/")
+
+    # A refused preview: the summary at the top of the form, the first bad field focused.
+    page.fill("#id_mask", "Bank=99")
+    page.fill("#id_e_min", "1_0")
+    page.click("#preview-button")
+    page.wait_for_selector("#error-summary:visible")
+    assert "Emin: Enter a number: '1_0' is not a number" in page.inner_text("#error-summary")
+    assert page.evaluate("document.activeElement.id") == "id_e_min"
+    summary_top = page.locator("#error-summary").bounding_box()["y"]
+    assert summary_top < page.locator("#id_vanadium_file").bounding_box()["y"]
+
+    # A good preview, then one with a stale CSRF token: the old preview is cleared.
+    page.fill("#id_mask", "Bank=36-50")
+    page.fill("#id_e_min", "-0.25")
+    page.click("#preview-button")
+    page.wait_for_selector("#preview-script:has-text('E_MIN = -0.25')")
+    assert not page.is_visible("#error-summary")
+    page.evaluate(
+        "document.querySelector('#config-form [name=csrfmiddlewaretoken]').value = 'x'.repeat(64)"
+    )
+    page.click("#preview-button")
+    page.wait_for_selector("#preview-error:has-text('The page is out of date: reload it')")
+    assert page.inner_text("#preview-script") == ""
+    assert "The page is out of date" in page.inner_text("#error-summary")
+
+    # The session expires: the preview says so instead of "Unexpected token '<'".
+    page.context.clear_cookies()
+    page.click("#preview-button")
+    page.wait_for_selector("#preview-error:has-text('Your session has expired: log in again')")
+    assert page.inner_text("#preview-script") == ""
+    assert not ParameterSet.objects.exists()
+
+
+def test_a_number_too_large_stays_as_typed_with_the_reason(browser_page: Any) -> None:
+    page = browser_page
+    page.goto("/reduction/cncs/")
+    page.fill("#id_incident_energy_mev", "1e999")
+    page.click("#save-button")
+    page.wait_for_selector("#save-error:has-text('Not saved')")
+    assert page.input_value("#id_incident_energy_mev") == "1e999"
+    assert "1e999 is out of range" in page.inner_text('[data-errors-for="incident_energy_mev"]')
+    assert page.evaluate("document.activeElement.id") == "id_incident_energy_mev"
+    assert not ParameterSet.objects.exists()

@@ -328,3 +328,45 @@ def test_the_first_save_shows_and_lists_only_what_differs_from_the_defaults(
     )
     history = client.get(reverse("reduction:history", args=["cncs"])).content.decode()
     assert history.count("<li><code>") == 1 and "<code>e_min</code>" in history
+
+
+def test_a_preview_without_a_session_is_a_json_error_saying_so(client: Any) -> None:
+    response = client.post(reverse("reduction:preview", args=["cncs"]), post_data("cncs"))
+    assert response.status_code == 401
+    assert response.json() == {
+        "ok": False,
+        "error": "Your session has expired: log in again (reload the page) to preview.",
+        "reason": "login",
+    }
+
+
+def test_a_preview_with_a_stale_csrf_token_is_a_json_error_saying_so(cncs_scientist: Any) -> None:
+    from django.test import Client
+
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(cncs_scientist)
+    url = reverse("reduction:preview", args=["cncs"])
+    response = client.post(url, post_data("cncs", csrfmiddlewaretoken="stale" * 8))
+    assert response.status_code == 403
+    assert response.json()["error"].startswith("The page is out of date: reload it")
+    # With the page's token the same request previews.
+    client.get(reverse("reduction:configure", args=["cncs"]))
+    token = client.cookies["csrftoken"].value
+    response = client.post(url, post_data("cncs", csrfmiddlewaretoken=token))
+    assert response.status_code == 200 and response.json()["ok"] is True
+    assert not ParameterSet.objects.exists()
+
+
+def test_a_refused_save_summarises_the_errors_at_the_top_of_the_form(
+    client: Any, cncs_scientist: Any
+) -> None:
+    client.force_login(cncs_scientist)
+    response = client.post(
+        reverse("reduction:configure", args=["cncs"]), post_data("cncs", e_min="x", mask="Bank=99")
+    )
+    page = response.content.decode()
+    form_start = page.index('id="config-form"')
+    summary = page.index('id="error-summary"')
+    assert form_start < summary < page.index('data-field="vanadium_file"')
+    assert '<a href="#id_e_min">Emin</a>: Enter a number' in page
+    assert '<a href="#id_mask">' in page
