@@ -163,9 +163,13 @@ PAGE_OUT_OF_DATE = "The page is out of date: reload it to preview (unsaved chang
 
 def _csrf_rejected(request: HttpRequest) -> bool:
     """Whether Django's CSRF check refuses ``request`` (the same check the middleware makes)."""
-    return (
-        CsrfViewMiddleware(lambda r: HttpResponse()).process_view(request, None, (), {}) is not None
-    )
+
+    # A view that is not csrf_exempt (the middleware skips exempt ones, as this view is).
+    def checked_view(request: HttpRequest) -> HttpResponse:
+        return HttpResponse()
+
+    middleware = CsrfViewMiddleware(checked_view)
+    return middleware.process_view(request, checked_view, (), {}) is not None
 
 
 # The page's script calls this with fetch and reads JSON, so the refusals a browser page would get

@@ -176,3 +176,26 @@ def test_unreadable_import_and_unwritable_export_are_command_errors(tmp_path: Pa
         run("import", "chai", str(tmp_path))
     with pytest.raises(CommandError, match=r"cannot write .*nowhere/x\.json: No such file"):
         run("export", "chai", "--output", str(tmp_path / "nowhere/x.json"))
+
+
+@pytest.mark.parametrize(
+    ("subcommand", "expected"),
+    [
+        ("show", ["instrument key, one of: chai, primecam, cncs", "--version N", "version number"]),
+        ("set", ["instrument key, one of:", "VALUE is read as JSON", "--comment COMMENT", "why"]),
+        ("render", ["instrument key, one of:", "--version N", "default: the latest saved"]),
+        ("export", ["instrument key, one of:", "--version N", "--output OUTPUT"]),
+        ("import", ["instrument key, one of:", "a file written by 'export'", "--comment COMMENT"]),
+    ],
+)
+def test_every_subcommand_documents_its_arguments(
+    capsys: pytest.CaptureFixture[str], subcommand: str, expected: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        call_command("reduction_config", subcommand, "--help")
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for phrase in expected:
+        assert phrase in text, phrase
+    if subcommand in ("set", "import"):
+        assert "kept with the new version" in text and "recorded as the author" in text

@@ -55,25 +55,59 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True)
-        show = sub.add_parser("show", help="current values (or those of --version N)")
-        show.add_argument("instrument")
-        show.add_argument("--version", type=int)
-        set_ = sub.add_parser("set", help="change KEY=VALUE (VALUE as JSON, else text)")
-        set_.add_argument("instrument")
-        set_.add_argument("assignments", nargs="+", metavar="KEY=VALUE")
-        render = sub.add_parser("render", help="print the script of the current or a version")
-        render.add_argument("instrument")
-        render.add_argument("--version", type=int)
-        export = sub.add_parser("export", help="write the values as JSON")
-        export.add_argument("instrument")
-        export.add_argument("--version", type=int)
+        instrument_help = f"instrument key, one of: {', '.join(INSTRUMENTS)}"
+        version_help = (
+            "saved version number (listed on the history page); default: the current values"
+        )
+        show = sub.add_parser(
+            "show", help="current values (or those of --version N)", description="Print the values."
+        )
+        show.add_argument("instrument", help=instrument_help)
+        show.add_argument("--version", type=int, metavar="N", help=version_help)
+        set_ = sub.add_parser(
+            "set",
+            help="change KEY=VALUE (VALUE as JSON, else text)",
+            description="Change some values and save them as a new version.",
+        )
+        set_.add_argument("instrument", help=instrument_help)
+        set_.add_argument(
+            "assignments",
+            nargs="+",
+            metavar="KEY=VALUE",
+            help="VALUE is read as JSON (numbers, true/false, lists), else as text (paths, masks)",
+        )
+        render = sub.add_parser(
+            "render",
+            help="print the script of the current or a version",
+            description="Print the stored script of a version (default: the latest saved).",
+        )
+        render.add_argument("instrument", help=instrument_help)
+        render.add_argument(
+            "--version", type=int, metavar="N", help="version number; default: the latest saved"
+        )
+        export = sub.add_parser(
+            "export", help="write the values as JSON", description="Write the values as JSON."
+        )
+        export.add_argument("instrument", help=instrument_help)
+        export.add_argument("--version", type=int, metavar="N", help=version_help)
         export.add_argument("--output", type=Path, help="file (default: stdout)")
-        import_ = sub.add_parser("import", help="save the values of a JSON export")
-        import_.add_argument("instrument")
-        import_.add_argument("file", type=Path)
-        for writer in (set_, import_):
-            writer.add_argument("--user", help="username recorded as the author")
-            writer.add_argument("--comment", default="")
+        import_ = sub.add_parser(
+            "import",
+            help="save the values of a JSON export",
+            description="Save the values of a JSON export as a new version.",
+        )
+        import_.add_argument("instrument", help=instrument_help)
+        import_.add_argument("file", type=Path, help="a file written by 'export'")
+        for writer, default_comment in (
+            (set_, "manage.py reduction_config set"),
+            (import_, "imported from FILE"),
+        ):
+            writer.add_argument("--user", help="username recorded as the author (default: none)")
+            writer.add_argument(
+                "--comment",
+                default="",
+                help=f"why, kept with the new version (default: '{default_comment}')",
+            )
 
     def handle(self, *args: Any, **options: Any) -> None:
         key = options["instrument"]
