@@ -106,3 +106,27 @@ def test_a_refused_form_says_what_to_do_in_the_site_layout():
     body = response.content.decode()
     assert 'class="topbar"' in body
     assert "reload the page" in body.lower()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/accounts/password_reset/",
+        "/accounts/password_reset/done/",
+        "/accounts/reset/MQ/set-password/",
+        "/accounts/reset/done/",
+    ],
+)
+def test_there_are_no_password_reset_pages_that_would_claim_to_send_mail(client, path):
+    # The site has no mail backend; a forgotten password is set by an operator instead.
+    assert client.get(path).status_code == 404
+
+
+@pytest.mark.django_db
+def test_login_and_password_change_pages_offer_no_reset_by_mail(client, operator):
+    for path in ("/accounts/login/", "/admin/login/"):
+        body = client.get(path).content.decode().lower()
+        assert "password_reset" not in body and "forgotten your password" not in body
+    client.force_login(operator)
+    assert client.get("/accounts/password_change/").status_code == 200
