@@ -99,6 +99,14 @@ def test_the_favicon_is_a_static_file():
 
 
 @pytest.mark.django_db
+def test_favicon_ico_leads_to_the_favicon(client):
+    response = client.get("/favicon.ico", follow=True)
+    assert response.status_code == 200
+    assert response.redirect_chain and response.redirect_chain[0][1] == 301
+    assert b"<svg" in b"".join(response.streaming_content)
+
+
+@pytest.mark.django_db
 def test_a_refused_form_says_what_to_do_in_the_site_layout():
     client = Client(enforce_csrf_checks=True)
     response = client.post("/accounts/login/", {"username": "x", "password": "y"})
