@@ -82,8 +82,9 @@ def tick_round(number: int, *, owner: str) -> Round:
     """Tick every manager once, then the lease reconciler. A manager that raises is reported in
     the round and does not stop the others."""
     result = Round(number)
+    # Once per round, not per manager: with CONN_MAX_AGE=0 every call reopens the database.
+    close_old_connections()
     for name in MANAGERS:
-        close_old_connections()
         try:
             result.counts[name] = manager_tick(name, owner=owner)
         except Exception as exc:
