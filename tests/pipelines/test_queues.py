@@ -137,7 +137,7 @@ def test_it_leaves_exact_duplicates_to_the_unique_constraints(uni: Any) -> None:
     # queue: validate_unique reports it (and the database refuses it), not the queue check.
     with pytest.raises(ValidationError) as excinfo:
         _unsaved_buffer(uni, "koeln_buffer").full_clean()
-    assert "already exists" in str(excinfo.value)
+    assert "already has a location with this name" in str(excinfo.value)
     assert "queue" not in str(excinfo.value)
     with pytest.raises(ValidationError) as excinfo:
         Site(name="Another", short_name="uni").full_clean()
