@@ -19,7 +19,7 @@ import tarfile
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import QuerySet
+from django.db.models import Exists, OuterRef, QuerySet
 from django.utils import timezone
 
 from pipelines.exceptions import ChecksumMismatch, NonRetryableError, StorageUnavailable
@@ -226,12 +226,33 @@ def data_transfers_plan(*, actor: str = "transfer-manager", limit: int = 200) ->
     )
     for bundle in unsent:
         made += _create_primary_transfer(bundle, actor)
-    arrived = DataTransfer.objects.filter(
-        status=Status.COMPLETED, unpack_status=Status.COMPLETED
-    ).select_related("destination_location", "data_transfer_package")
-    for transfer in arrived.order_by("-pk")[:limit]:
+    for transfer in arrivals_to_send_on().order_by("pk")[:limit]:
         made += _create_secondary_transfers(transfer, actor)
     return made
+
+
+def arrivals_to_send_on() -> QuerySet[DataTransfer]:
+    """Arrived and unpacked transfers from whose destination site an active secondary route
+    leads to a site their bundle has not reached yet (no live transfer there, and not its
+    origin). One query, so a tick never re-examines bundles that went everywhere long ago, and
+    an old arrival whose onward copy failed is found again however many newer ones exist."""
+    reached = DataTransfer.objects.filter(
+        data_transfer_package=OuterRef(OuterRef("data_transfer_package")),
+        status__in=LIVE_TRANSFER,
+        destination_location__site=OuterRef("destination_site"),
+    )
+    open_routes = (
+        DataTransferRoute.objects.filter(
+            origin_site=OuterRef("destination_location__site"), is_primary=False, active=True
+        )
+        .exclude(destination_site=OuterRef("data_transfer_package__origin_location__site"))
+        .exclude(Exists(reached))
+    )
+    return (
+        DataTransfer.objects.filter(status=Status.COMPLETED, unpack_status=Status.COMPLETED)
+        .filter(Exists(open_routes))
+        .select_related("destination_location", "data_transfer_package__origin_location")
+    )
 
 
 LIVE_TRANSFER = (Status.PENDING, Status.SCHEDULED, Status.IN_PROGRESS, Status.COMPLETED)

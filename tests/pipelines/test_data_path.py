@@ -561,3 +561,23 @@ def test_a_direct_route_skips_the_destination_buffer_and_still_archives_at_both_
         assert not LongTermArchiveTransfer.objects.filter(
             raw_data_package=package, destination_location=us_lta
         )
+
+
+def test_only_arrivals_with_somewhere_left_to_go_are_looked_at_again(facility: Facility) -> None:
+    from pipelines.services.transfers import arrivals_to_send_on
+
+    facility.scan()
+    facility.tick("packaging", "bundling", "transfer", "unpack")
+    [primary] = DataTransfer.objects.all()
+    assert list(arrivals_to_send_on()) == [primary]
+    facility.run_until_idle()
+    # Both archive sites reached: nothing is examined again, tick after tick.
+    assert list(arrivals_to_send_on()) == []
+    # An onward copy that failed for good reopens the way: found again, and sent again.
+    onward = DataTransfer.objects.get(is_primary=False)
+    DataTransfer.objects.filter(pk=onward.pk).update(
+        status=Status.FAILED, unpack_status=Status.PENDING
+    )
+    assert list(arrivals_to_send_on()) == [primary]
+    facility.tick("transfer")
+    assert DataTransfer.objects.filter(is_primary=False).count() == 2
