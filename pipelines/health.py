@@ -128,17 +128,6 @@ class ServiceHealth:
     interval: float | None
     counts: dict[str, int]
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "type": self.service_type,
-            "name": self.service_name,
-            "alive": self.alive,
-            "last_seen": self.last_seen,
-            "lag_seconds": self.lag_seconds,
-            "interval_seconds": self.interval,
-            "counts": self.counts,
-        }
-
 
 def services() -> list[ServiceHealth]:
     """Every service that sent a heartbeat within a day: alive or not, with its lag (seconds

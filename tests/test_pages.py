@@ -4,29 +4,17 @@ for: the favicon file and the styled CSRF failure page."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from django.contrib.staticfiles import finders
-from django.db import connections
 from django.test import Client
 
 from access import OPERATORS, ensure_groups
 from tests import factories as f
-from tests.conftest import require_service
+from tests.browser import logged_in_context
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1440, "height": 900}
 PAGES = ["/", "/admin/", "/admin/pipelines/rawdatapackage/", "/accounts/login/"]
@@ -54,25 +42,8 @@ def browser(
     live_server: Any, client: Client, operator: Any, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Any]:
     """A Playwright browser context logged in as the operator, pointed at the live server."""
-    require_service(
-        shutil.which(CHROMIUM) is not None,
-        f"needs Debian Chromium at {CHROMIUM} (apt install chromium)",
-    )
-    # Playwright's sync API runs an event loop in this thread (see tests/reduction/conftest.py).
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    from playwright.sync_api import sync_playwright
-
-    client.force_login(operator)
-    session = client.cookies["sessionid"].value
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            context = chromium.new_context(base_url=live_server.url)
-            context.add_cookies([{"name": "sessionid", "value": session, "url": live_server.url}])
-            yield context
-        finally:
-            chromium.close()
-            connections.close_all()
+    with logged_in_context(live_server, client, operator, monkeypatch) as context:
+        yield context
 
 
 @pytest.mark.browser
