@@ -303,6 +303,38 @@ class DeletionTaskFactory(DjangoModelFactory):
     reason = "buffer copy: package archived with 1 verified archive copy"
 
 
+class DataLocationUsageFactory(DjangoModelFactory):
+    class Meta:
+        model = m.DataLocationUsage
+
+    location = factory.SubFactory(DataLocationFactory)
+    measured_at = factory.LazyFunction(timezone.now)
+    used_bytes = 3 * 1024**3
+    free_bytes = 7 * 1024**3
+    total_bytes = 10 * 1024**3
+
+
+class DarkFileFactory(DjangoModelFactory):
+    class Meta:
+        model = m.DarkFile
+
+    location = factory.SubFactory(DataLocationFactory)
+    relative_path = factory.Sequence(lambda n: f"stray/unknown-{n}.dat")
+    size_bytes = 1234
+    first_seen_at = factory.LazyFunction(timezone.now)
+    last_seen_at = factory.LazyFunction(timezone.now)
+
+
+class CopyRepairFactory(DjangoModelFactory):
+    class Meta:
+        model = m.CopyRepair
+
+    physical_copy = factory.SubFactory(
+        PhysicalCopyFactory, integrity=m.PhysicalCopy.Integrity.MISMATCH
+    )
+    reason = "checksum mismatch found by the integrity manager"
+
+
 # --- Workflow ------------------------------------------------------------------------------------
 class ReductionSoftwareFactory(DjangoModelFactory):
     class Meta:

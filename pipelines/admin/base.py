@@ -25,6 +25,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 
 from pipelines.models import (
+    CopyRepair,
     DataLocation,
     DataTransfer,
     DeletionTask,
@@ -81,6 +82,7 @@ _CHOICE_JOINS: dict[type[Model], tuple[str, ...]] = {
     ),
     StagingJob: ("user", "destination_location__site"),
     DeletionTask: ("physical_copy__location__site",),
+    CopyRepair: ("physical_copy__location__site",),
 }
 
 
@@ -118,7 +120,15 @@ def size_column(field: str) -> Callable[[Any, Model], str]:
 # ``OpsModelAdmin.get_readonly_fields``).
 SIZE_COLUMNS: dict[str, str] = {
     name: f"{name}_readable"
-    for name in ("size", "size_bytes", "capacity_bytes", "bytes_transferred")
+    for name in (
+        "size",
+        "size_bytes",
+        "capacity_bytes",
+        "bytes_transferred",
+        "used_bytes",
+        "free_bytes",
+        "total_bytes",
+    )
 }
 
 
@@ -129,6 +139,9 @@ class ReadableSizes:
     size_bytes_readable = size_column("size_bytes")
     capacity_bytes_readable = size_column("capacity_bytes")
     bytes_transferred_readable = size_column("bytes_transferred")
+    used_bytes_readable = size_column("used_bytes")
+    free_bytes_readable = size_column("free_bytes")
+    total_bytes_readable = size_column("total_bytes")
 
 
 def admin_actor(request: HttpRequest) -> str:

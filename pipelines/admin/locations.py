@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 from django.contrib import admin
+from django.db.models import Model
+from django.http import HttpRequest
 
-from pipelines.models import DataLocation, DeletionTask, PhysicalCopy, Site
+from pipelines.models import (
+    DarkFile,
+    DataLocation,
+    DataLocationUsage,
+    DeletionTask,
+    PhysicalCopy,
+    Site,
+)
 
 from .base import OpsModelAdmin, OpsTabularInline, ReadOnlyTabularInline
 
@@ -31,10 +40,12 @@ class DataLocationAdmin(OpsModelAdmin):
         "storage_type",
         "priority",
         "active",
+        "accepting_writes",
         "checksum_algorithm",
         "capacity_bytes_readable",
+        "used_bytes_readable",
     )
-    list_filter = ("location_type", "storage_type", "active", "site")
+    list_filter = ("location_type", "storage_type", "active", "accepting_writes", "site")
     search_fields = ("name", "site__short_name", "root_path", "s3_bucket", "host")
     list_select_related = ("site",)
     ordering = ("site__short_name", "-priority", "name")
@@ -42,9 +53,25 @@ class DataLocationAdmin(OpsModelAdmin):
         (None, {"fields": ("site", "name", "location_type", "priority", "active")}),
         ("Storage", {"fields": ("storage_type", "host", "root_path", "checksum_algorithm")}),
         ("S3", {"fields": ("s3_endpoint_url", "s3_bucket", "s3_region", "s3_prefix")}),
-        ("Disk monitor", {"fields": ("capacity_bytes", "high_water_percent", "cleanup_percent")}),
+        (
+            "Disk monitor",
+            {
+                "fields": (
+                    "capacity_bytes",
+                    "high_water_percent",
+                    "cleanup_percent",
+                    "accepting_writes",
+                    "used_bytes_readable",
+                    "free_bytes_readable",
+                    "usage_measured_at",
+                )
+            },
+        ),
+        ("Safety", {"fields": ("verification_interval", "retention_period")}),
         ("System", {"fields": ("created_at", "updated_at")}),
     )
+    # Measured by the disk monitor, not typed in.
+    system_fields = ("used_bytes", "free_bytes", "usage_measured_at")
 
 
 class DeletionTaskOfCopyInline(ReadOnlyTabularInline):
@@ -93,3 +120,53 @@ class PhysicalCopyAdmin(OpsModelAdmin):
         "location",
     )
     inlines = (DeletionTaskOfCopyInline,)
+
+
+@admin.register(DataLocationUsage)
+class DataLocationUsageAdmin(OpsModelAdmin):
+    """The disk monitor's measurements: looked at, never written by hand."""
+
+    list_display = (
+        "measured_at",
+        "location",
+        "used_bytes_readable",
+        "free_bytes_readable",
+        "total_bytes_readable",
+    )
+    list_filter = ("location__site", "location")
+    list_select_related = ("location__site",)
+    date_hierarchy = "measured_at"
+    ordering = ("-measured_at",)
+    show_full_result_count = False
+    actions = None
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
+        return False
+
+
+@admin.register(DarkFile)
+class DarkFileAdmin(OpsModelAdmin):
+    """Files the storage audit found that no copy accounts for. Kept for an operator to look at;
+    the system never deletes them."""
+
+    list_display = (
+        "relative_path",
+        "location",
+        "size_bytes_readable",
+        "first_seen_at",
+        "last_seen_at",
+    )
+    list_filter = ("location__site", "location")
+    search_fields = ("relative_path",)
+    list_select_related = ("location__site",)
+    ordering = ("location", "relative_path")
+    show_full_result_count = False
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
+        return False

@@ -46,7 +46,12 @@ TOPICS: dict[str, tuple[str, ...]] = {
         "pipelines.DataTransferLog",
         "pipelines.LongTermArchiveTransfer",
         "pipelines.StagingJob",
+    ),
+    "Safety": (
         "pipelines.DeletionTask",
+        "pipelines.CopyRepair",
+        "pipelines.DataLocationUsage",
+        "pipelines.DarkFile",
     ),
     "Workflow": (
         "pipelines.ReductionSoftware",

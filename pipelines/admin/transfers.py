@@ -1,4 +1,5 @@
-"""Admin for routes and the operations that move data: transfer, archive, staging, deletion."""
+"""Admin for routes and the operations that move data: transfer, archive, staging, deletion,
+repair."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from pipelines.models import (
+    CopyRepair,
     DataTransfer,
     DataTransferLog,
     DataTransferRoute,
@@ -199,6 +201,26 @@ class DeletionTaskAdmin(OpsModelAdmin):
     show_full_result_count = False
     raw_id_fields = ("physical_copy",)
     change_readonly_fields = ("physical_copy", "reason")
+    actions = OPERATION_ACTIONS
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+
+@admin.register(CopyRepair)
+class CopyRepairAdmin(OpsModelAdmin):
+    """Repairs of damaged copies. The integrity service creates them when it finds a mismatch or a
+    missing file; they cannot be added by hand."""
+
+    list_display = ("id", "physical_copy", "source_copy", "reason", *OPERATION_COLUMNS)
+    list_filter = ("status", "physical_copy__location__site", "physical_copy__location")
+    search_fields = ("reason", "physical_copy__relative_path", "failure_error_message")
+    list_select_related = ("physical_copy__location__site", "source_copy__location__site")
+    date_hierarchy = "created_at"
+    ordering = ("-created_at",)
+    show_full_result_count = False
+    raw_id_fields = ("physical_copy", "source_copy")
+    change_readonly_fields = ("physical_copy", "source_copy", "reason")
     actions = OPERATION_ACTIONS
 
     def has_add_permission(self, request: HttpRequest) -> bool:

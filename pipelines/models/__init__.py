@@ -11,7 +11,10 @@ from .files import (
 )
 from .locations import (
     COPY_TRANSITIONS,
+    INTEGRITY_TRANSITIONS,
+    DarkFile,
     DataLocation,
+    DataLocationUsage,
     PhysicalCopy,
     PhysicalCopyStatus,
     Site,
@@ -31,6 +34,7 @@ from .observatory import (
     Telescope,
 )
 from .transfers import (
+    CopyRepair,
     DataTransfer,
     DataTransferLog,
     DataTransferRoute,
@@ -61,12 +65,16 @@ __all__ = [
     "ACTIVE_RUN_STATUSES",
     "CANCELLABLE_RUN_STATUSES",
     "COPY_TRANSITIONS",
+    "INTEGRITY_TRANSITIONS",
     "PACKAGE_STATE_TRANSITIONS",
     "RUN_TRANSITIONS",
     "STATUS_TRANSITIONS",
     "AppendOnlyError",
+    "CopyRepair",
+    "DarkFile",
     "DataGrouping",
     "DataLocation",
+    "DataLocationUsage",
     "DataProduct",
     "DataProductType",
     "DataTransfer",

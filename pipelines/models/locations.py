@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from typing import Any, ClassVar
 
 from django.core.exceptions import ValidationError
@@ -133,6 +134,21 @@ class DataLocation(TimeStamped):
     capacity_bytes = models.BigIntegerField(null=True, blank=True)
     high_water_percent = models.PositiveSmallIntegerField(default=90)
     cleanup_percent = models.PositiveSmallIntegerField(default=80)
+    # Separate from ``active``: a full buffer stops taking new packages and transfers but keeps
+    # serving reads and its deletion queue. The disk monitor clears it above the high-water mark
+    # and sets it again below the cleanup mark; while it is clear the deletion manager serves
+    # this location first.
+    accepting_writes = models.BooleanField(default=True)
+    # The integrity manager re-verifies a copy here once its last verification is this old, and
+    # the deletion manager counts an archive copy as verified only within it.
+    verification_interval = models.DurationField(default=timedelta(days=30))
+    # How long a copy here is kept after its package was ARCHIVED. Long-term archive copies are
+    # never deleted by policy, whatever this says.
+    retention_period = models.DurationField(default=timedelta(days=7))
+    # Last measurement of the disk monitor (history in DataLocationUsage).
+    used_bytes = models.BigIntegerField(null=True, blank=True)
+    free_bytes = models.BigIntegerField(null=True, blank=True)
+    usage_measured_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         db_table = "data_location"
@@ -173,6 +189,16 @@ class DataLocation(TimeStamped):
                     "The cleanup mark must not be above the high-water mark, and the high-water "
                     "mark must be at most 100 percent."
                 ),
+            ),
+            models.CheckConstraint(
+                condition=models.Q(verification_interval__gt=timedelta(0)),
+                name="data_location_verification_interval_positive",
+                violation_error_message="The verification interval must be longer than zero.",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(retention_period__gte=timedelta(0)),
+                name="data_location_retention_nonnegative",
+                violation_error_message="The retention period cannot be negative.",
             ),
         ]
         indexes = [
@@ -224,6 +250,53 @@ COPY_TRANSITIONS: dict[str, set[str]] = {
 }
 
 
+class DataLocationUsage(models.Model):
+    """One measurement of a location's usage by the disk monitor (statvfs on disk, the sum of
+    object sizes on S3)."""
+
+    location = models.ForeignKey(DataLocation, on_delete=models.CASCADE, related_name="usage")
+    measured_at = models.DateTimeField()
+    used_bytes = models.BigIntegerField()
+    free_bytes = models.BigIntegerField(null=True, blank=True)
+    total_bytes = models.BigIntegerField(null=True, blank=True)
+
+    class Meta:
+        db_table = "data_location_usage"
+        ordering = ["-measured_at"]
+        indexes = [
+            # Usage history of one location, newest first (admin, /health, plots).
+            models.Index(fields=["location", "-measured_at"], name="data_location_usage_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.location_id} at {self.measured_at:%Y-%m-%d %H:%M}: {self.used_bytes} B used"
+
+
+class DarkFile(models.Model):
+    """A file found on storage by the audit that no live copy accounts for. Recorded for an
+    operator to decide; never deleted automatically."""
+
+    location = models.ForeignKey(DataLocation, on_delete=models.CASCADE, related_name="dark_files")
+    relative_path = models.CharField(max_length=1000)
+    size_bytes = models.BigIntegerField(default=0)
+    first_seen_at = models.DateTimeField()
+    last_seen_at = models.DateTimeField()
+
+    class Meta:
+        db_table = "dark_file"
+        ordering = ["location", "relative_path"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["location", "relative_path"],
+                name="dark_file_unique_path",
+                violation_error_message="This dark file is already recorded.",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"dark file {self.relative_path} ({self.size_bytes} B)"
+
+
 class Kind(models.TextChoices):
     RAW_DATA_FILE = "raw_data_file", "Raw data file"
     RAW_DATA_PACKAGE = "raw_data_package", "Raw data package"
@@ -238,6 +311,18 @@ class Integrity(models.TextChoices):
     MISSING = "missing", "Missing on storage"
 
 
+_I = Integrity
+# A copy's integrity moves with an event like its status. VERIFIED -> VERIFIED is not a move: a
+# re-verification that finds the same checksum only refreshes checksum_verified_at. A repair
+# (re-copy from a good copy) takes MISMATCH or MISSING back to VERIFIED.
+INTEGRITY_TRANSITIONS: dict[str, set[str]] = {
+    _I.UNVERIFIED: {_I.VERIFIED, _I.MISMATCH, _I.MISSING},
+    _I.VERIFIED: {_I.MISMATCH, _I.MISSING},
+    _I.MISMATCH: {_I.VERIFIED, _I.MISSING},
+    _I.MISSING: {_I.VERIFIED, _I.MISMATCH},
+}
+
+
 class PhysicalCopy(StatefulModel, TimeStamped):
     """That one file, package, transfer bundle or product exists at one location.
 
@@ -249,7 +334,10 @@ class PhysicalCopy(StatefulModel, TimeStamped):
 
     Integrity = Integrity
 
-    TRANSITIONS: ClassVar[dict[str, dict[str, set[str]]]] = {"status": COPY_TRANSITIONS}
+    TRANSITIONS: ClassVar[dict[str, dict[str, set[str]]]] = {
+        "status": COPY_TRANSITIONS,
+        "integrity": INTEGRITY_TRANSITIONS,
+    }
 
     kind = models.CharField(max_length=24, choices=Kind.choices)
     raw_data_file = models.ForeignKey(

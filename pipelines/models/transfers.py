@@ -308,6 +308,42 @@ class DeletionTask(Operation):
         return f"delete {self.physical_copy}"
 
 
+class CopyRepair(Operation):
+    """Re-copy of one damaged copy (integrity MISMATCH or MISSING) from a verified good copy of the
+    same object: written to a temporary name, verified, then renamed over the bad one, so the row
+    keeps its id and history. The source is chosen when the worker starts (a good copy then), and a
+    damaged copy is never a source."""
+
+    physical_copy = models.ForeignKey(
+        "pipelines.PhysicalCopy", on_delete=models.PROTECT, related_name="repairs"
+    )
+    source_copy = models.ForeignKey(
+        "pipelines.PhysicalCopy",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="repairs_sourced",
+    )
+    reason = models.TextField(blank=True, default="")
+
+    class Meta:
+        db_table = "copy_repair"
+        ordering = ["-created_at"]
+        constraints = [
+            choices_check("status", Status, "copy_repair_status_valid"),
+            models.UniqueConstraint(
+                fields=["physical_copy"],
+                condition=models.Q(status__in=["pending", "scheduled", "in_progress"]),
+                name="copy_repair_one_live_per_copy",
+                violation_error_message="This copy already has a repair waiting or in progress.",
+            ),
+        ]
+        indexes = operation_indexes("copy_repair")
+
+    def __str__(self) -> str:
+        return f"repair {self.physical_copy}"
+
+
 class PrimaryTransferCursor(TimeStamped):
     """Where the round-robin over an origin site's primary routes stands (three packages, two
     archive sites: A, B, A). The transfer manager locks this row to pick the next route, so two

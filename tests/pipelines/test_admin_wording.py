@@ -203,7 +203,15 @@ def test_the_admin_index_groups_models_by_topic_and_links_the_reduction_pages(su
     assert response.status_code == 200
     app_list = response.context["app_list"]
     names = [app["name"] for app in app_list]
-    assert names[:6] == ["Observatory", "Data", "Locations", "Transfers", "Workflow", "Audit"]
+    assert names[:7] == [
+        "Observatory",
+        "Data",
+        "Locations",
+        "Transfers",
+        "Safety",
+        "Workflow",
+        "Audit",
+    ]
     listed = {
         entry["model"]._meta.label
         for app in app_list

@@ -27,6 +27,7 @@ STATE_FIELDS: list[tuple[type[m.StatefulModel], str, Callable[[str], Any]]] = [
     (m.RawDataPackage, "state", lambda s: f.RawDataPackageFactory(state=s)),
     (m.DataTransferPackage, "status", lambda s: f.DataTransferPackageFactory(status=s)),
     (m.PhysicalCopy, "status", lambda s: f.PhysicalCopyFactory(status=s)),
+    (m.PhysicalCopy, "integrity", lambda s: f.PhysicalCopyFactory(integrity=s)),
     (m.DataTransfer, "status", lambda s: f.DataTransferFactory(status=s)),
     # Unpacking only starts after the bundle arrived (check constraint), so build it completed.
     (
@@ -37,6 +38,7 @@ STATE_FIELDS: list[tuple[type[m.StatefulModel], str, Callable[[str], Any]]] = [
     (m.LongTermArchiveTransfer, "status", lambda s: f.LongTermArchiveTransferFactory(status=s)),
     (m.StagingJob, "status", lambda s: f.StagingJobFactory(status=s)),
     (m.DeletionTask, "status", lambda s: f.DeletionTaskFactory(status=s)),
+    (m.CopyRepair, "status", lambda s: f.CopyRepairFactory(status=s)),
     (m.ExecutedReductionStep, "status", lambda s: f.ExecutedReductionStepFactory(status=s)),
 ]
 
