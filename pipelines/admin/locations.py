@@ -107,6 +107,7 @@ class PhysicalCopyAdmin(OpsModelAdmin):
         "integrity",
         "verified_checksum",
         "checksum_verified_at",
+        "verification_claimed_until",
         "deleted_at",
         "deletion_reason",
         "last_error",

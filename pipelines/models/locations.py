@@ -381,6 +381,10 @@ class PhysicalCopy(StatefulModel, TimeStamped):
     )
     verified_checksum = models.CharField(max_length=128, blank=True, default="")
     checksum_verified_at = models.DateTimeField(null=True, blank=True)
+    # The integrity manager's claim on a re-verification it dispatched: set by a conditional
+    # UPDATE when the copy is handed to a worker, cleared when the result is written. A claim
+    # whose worker died expires, and the copy is due again.
+    verification_claimed_until = models.DateTimeField(null=True, blank=True)
     deleted_at = models.DateTimeField(null=True, blank=True)
     deletion_reason = models.TextField(blank=True, default="")
     retry_count = models.PositiveIntegerField(default=0)

@@ -1,14 +1,24 @@
-"""Registering what is where: a verified PhysicalCopy after a write that was read back."""
+"""Registering what is where (a verified PhysicalCopy after a write that was read back) and the
+lock every move that reduces an object's good copies takes first."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from django.db import models, transaction
 from django.utils import timezone
 
-from pipelines.models import DataLocation, PhysicalCopy, PhysicalCopyStatus
+from pipelines.models import (
+    DataLocation,
+    DataProduct,
+    DataTransferPackage,
+    PhysicalCopy,
+    PhysicalCopyStatus,
+    RawDataFile,
+    RawDataPackage,
+)
 
-from .states import record_creation
+from .states import record_creation, transition
 
 _KIND_FIELD: dict[str, str] = {
     PhysicalCopy.Kind.RAW_DATA_FILE: "raw_data_file",
@@ -42,12 +52,18 @@ def copy_register_verified(
         .first()
     )
     if existing is not None:
-        PhysicalCopy.objects.filter(pk=existing.pk).update(
-            integrity=PhysicalCopy.Integrity.VERIFIED,
-            verified_checksum=checksum,
-            checksum_verified_at=now,
-            updated_at=now,
-        )
+        fresh = {"verified_checksum": checksum, "checksum_verified_at": now, "updated_at": now}
+        if existing.integrity != PhysicalCopy.Integrity.VERIFIED:
+            # A re-copy over a damaged or unverified copy: the integrity move gets its event.
+            return transition(
+                existing,
+                PhysicalCopy.Integrity.VERIFIED,
+                field="integrity",
+                actor=actor,
+                reason=reason,
+                updates=fresh,
+            )
+        PhysicalCopy.objects.filter(pk=existing.pk).update(**fresh)
         existing.refresh_from_db()
         return existing
     copy = PhysicalCopy.objects.create(
@@ -62,3 +78,31 @@ def copy_register_verified(
     )
     record_creation(copy, actor=actor, reason=reason)
     return copy
+
+
+def copy_lock_object(copy: PhysicalCopy) -> models.Model:
+    """Lock (``SELECT ... FOR UPDATE``) the row that serialises every change to the number of good
+    copies of ``copy``'s object, and return it: the package for a package copy and for a copy of
+    a file already in a package, otherwise the object itself (a bundle, a product, an unpackaged
+    file).
+
+    Every move that reduces an object's verified copies (deletion start, mismatch, missing, lost)
+    takes this lock first and re-checks its rule in the same transaction, so two such moves on
+    different copies of one object run one after the other and the second sees the first: no
+    write skew can remove the last good copy. Must be called inside ``transaction.atomic()``."""
+    if not transaction.get_connection().in_atomic_block:
+        raise RuntimeError("copy_lock_object() must run inside transaction.atomic()")
+    if copy.kind == PhysicalCopy.Kind.RAW_DATA_PACKAGE:
+        return RawDataPackage.objects.select_for_update().get(pk=copy.raw_data_package_id)
+    if copy.kind == PhysicalCopy.Kind.RAW_DATA_FILE:
+        package_id = (
+            RawDataFile.objects.filter(pk=copy.raw_data_file_id)
+            .values_list("raw_data_package_id", flat=True)
+            .get()
+        )
+        if package_id is not None:
+            return RawDataPackage.objects.select_for_update().get(pk=package_id)
+        return RawDataFile.objects.select_for_update().get(pk=copy.raw_data_file_id)
+    if copy.kind == PhysicalCopy.Kind.DATA_TRANSFER_PACKAGE:
+        return DataTransferPackage.objects.select_for_update().get(pk=copy.data_transfer_package_id)
+    return DataProduct.objects.select_for_update().get(pk=copy.data_product_id)
