@@ -12,6 +12,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from pipelines.models import (
+    CopyRepair,
     DataTransfer,
     DataTransferPackage,
     DeletionTask,
@@ -35,6 +36,7 @@ OPERATION_MODELS: tuple[type[Operation], ...] = (
     LongTermArchiveTransfer,
     StagingJob,
     DeletionTask,
+    CopyRepair,
 )
 
 
