@@ -127,6 +127,14 @@ class Pipeline(TimeStamped):
     )
     enabled = models.BooleanField(default=True)
     priority = models.IntegerField(default=0, help_text="higher runs first")
+    # CRON: the last due time the trigger manager evaluated, so each due time is evaluated once
+    # however often the manager ticks (and however many managers tick).
+    cron_last_due_at = models.DateTimeField(null=True, blank=True)
+    # Incremental evaluation: packages archived after this instant have not been looked at yet.
+    # The trigger manager advances it after each evaluation; a full re-evaluation (the safety
+    # net) ignores it and is recorded in full_evaluation_at.
+    trigger_watermark = models.DateTimeField(null=True, blank=True)
+    full_evaluation_at = models.DateTimeField(null=True, blank=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         on_delete=models.SET_NULL,
@@ -333,7 +341,16 @@ class ExecutedReductionStep(StatefulModel, TimeStamped, Claimable):
     failure_reason = models.TextField(blank=True, default="")
     workspace_dir = models.CharField(max_length=1000, blank=True, default="")
     log_path = models.CharField(max_length=1000, blank=True, default="")
+    # This attempt's directory: {processing root}/pipelines/{pipeline}/{sub group}/{id}-{attempt}.
+    run_dir = models.CharField(max_length=1000, blank=True, default="")
     submitted_at = models.DateTimeField(null=True, blank=True)
+    # Set in the same UPDATE that fails a run with no retries left (or an operator's failure):
+    # until then a FAILED run still occupies its sub-group (the constraint below), so its retry
+    # can never collide with a new run the trigger manager created meanwhile.
+    failed_for_good = models.BooleanField(default=False)
+    # Packages of the sub-group left out because their upstream run failed for good or was
+    # cancelled: [{"package": id, "name": ..., "reason": ...}]; the manifest repeats it.
+    excluded_inputs = models.JSONField(default=list, blank=True)
 
     class Meta:
         db_table = "executed_reduction_step"
@@ -341,12 +358,19 @@ class ExecutedReductionStep(StatefulModel, TimeStamped, Claimable):
         constraints = [
             choices_check("status", RunStatus, "executed_reduction_step_status_valid"),
             choices_check("triggered_by", TriggeredBy, "executed_reduction_step_trigger_valid"),
-            # Never two active runs for one (step, sub-group): the trigger manager relies on it.
+            # Never two runs occupying one (step, sub-group): active ones, and a FAILED one that
+            # awaits its retry. The trigger manager relies on it.
             models.UniqueConstraint(
                 fields=["reduction_step", "sub_group_key"],
-                condition=models.Q(status__in=[s.value for s in ACTIVE_RUN_STATUSES]),
+                condition=(
+                    models.Q(status__in=[s.value for s in ACTIVE_RUN_STATUSES])
+                    | models.Q(status="failed", failed_for_good=False)
+                ),
                 name="executed_reduction_step_one_active_per_subgroup",
-                violation_error_message="This step already has an active run for this sub-group.",
+                violation_error_message=(
+                    "This step already has an active run (or a failed run awaiting its retry) "
+                    "for this sub-group."
+                ),
             ),
         ]
         indexes = [
@@ -365,8 +389,14 @@ class ExecutedReductionStep(StatefulModel, TimeStamped, Claimable):
     @property
     def is_terminal(self) -> bool:
         return self.status in (RunStatus.COMPLETED, RunStatus.CANCELLED) or (
-            self.status == RunStatus.FAILED and self.retry_count >= self.max_retries
+            self.status == RunStatus.FAILED
+            and (self.failed_for_good or self.retry_count >= self.max_retries)
         )
+
+    @property
+    def attempt(self) -> int:
+        """1 for the first attempt; each retry (FAILED -> PENDING) adds one."""
+        return self.retry_count + 1
 
 
 class DataProductType(models.TextChoices):

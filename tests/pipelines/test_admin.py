@@ -582,7 +582,10 @@ def test_retry_failed_runs_queues_them_again(operator_client):
 
 @pytest.mark.django_db
 def test_retry_is_refused_when_the_sub_group_already_has_an_active_run(operator_client):
-    failed = factories.ExecutedReductionStepFactory(status="failed", sub_group_key="scan-7")
+    # Failed for good: a failed run awaiting its retry would itself occupy the sub-group.
+    failed = factories.ExecutedReductionStepFactory(
+        status="failed", failed_for_good=True, sub_group_key="scan-7"
+    )
     factories.ExecutedReductionStepFactory(
         reduction_step=failed.reduction_step, sub_group_key="scan-7", status="running"
     )
