@@ -194,6 +194,13 @@ class ChoiceJoinsMixin(BaseModelAdmin):
         return super().formfield_for_manytomany(db_field, request, **kwargs)
 
 
+def _explained(model: type[Model]) -> bool:
+    """Whether ``manage.py why`` explains rows of ``model`` (its change page then says why)."""
+    from pipelines.services.why import EXPLAINERS, KINDS
+
+    return model in EXPLAINERS or model in KINDS.values()
+
+
 class OpsModelAdmin(ReadableSizes, ChoiceJoinsMixin, admin.ModelAdmin):
     """Base admin for ops-db models.
 
@@ -217,6 +224,8 @@ class OpsModelAdmin(ReadableSizes, ChoiceJoinsMixin, admin.ModelAdmin):
         fields = [*super().get_readonly_fields(request, obj), *self._locked_fields()]
         if obj is not None:
             fields += list(self.change_readonly_fields)
+            if _explained(self.model):
+                fields.append("why")
             if state_fields(self.model):
                 fields.append("timeline")
         # A read-only byte count is shown as "65,536 (64.0 KiB)"; get_exclude drops the field.
@@ -301,6 +310,15 @@ class OpsModelAdmin(ReadableSizes, ChoiceJoinsMixin, admin.ModelAdmin):
         except ValidationError:
             return results, may_have_duplicates
         return results | queryset.filter(pk=key), may_have_duplicates
+
+    # --- why ---------------------------------------------------------------------------------
+    @admin.display(description="Why")
+    def why(self, obj: Model) -> str:
+        """The sentence ``manage.py why`` prints for ``obj``: what it waits for or what blocks
+        it (pipelines.services.why)."""
+        from pipelines.services.why import why_sentence
+
+        return why_sentence(obj)
 
     # --- timeline --------------------------------------------------------------------------------
     @admin.display(description="Timeline")
