@@ -42,9 +42,12 @@ def long_term_archive_transfers_plan(
     *, site_name: str | None = None, limit: int = 500, actor: str = "archive-manager"
 ) -> int:
     """Create a pending archive transfer for every package that has a verified PRESENT copy in
-    an active BUFFER of a site with an active LONG_TERM_ARCHIVE location, and neither a live
-    copy nor an archive transfer in flight there. Returns the transfers created."""
-    archives = DataLocation.objects.filter(location_type=LT.LONG_TERM_ARCHIVE, active=True)
+    an active BUFFER of a site with an active LONG_TERM_ARCHIVE location accepting writes (the
+    disk monitor clears that on a full one), and neither a live copy nor an archive transfer in
+    flight there. Returns the transfers created."""
+    archives = DataLocation.objects.filter(
+        location_type=LT.LONG_TERM_ARCHIVE, active=True, accepting_writes=True
+    )
     if site_name:
         archives = archives.filter(site__short_name=site_name)
     made = 0

@@ -206,16 +206,21 @@ def _new_package(
 
 
 def package_buffer(source: DataLocation) -> DataLocation:
-    """The highest-priority active BUFFER of ``source``'s site (ties: lowest id). Raises
-    ``StorageUnavailable`` when the site has none active (retryable: an operator may activate
-    one)."""
+    """The highest-priority active BUFFER of ``source``'s site that accepts writes (ties: lowest
+    id): a buffer the disk monitor found full is passed over like an inactive one (behaviour 10).
+    Raises ``StorageUnavailable`` when the site has none (retryable: an operator may activate
+    one, or the disk monitor reopen one once deletions freed it)."""
     buffer = (
-        DataLocation.objects.filter(site_id=source.site_id, location_type=LT.BUFFER, active=True)
+        DataLocation.objects.filter(
+            site_id=source.site_id, location_type=LT.BUFFER, active=True, accepting_writes=True
+        )
         .order_by("-priority", "pk")
         .first()
     )
     if buffer is None:
-        raise StorageUnavailable(f"site {source.site} has no active BUFFER location for packages")
+        raise StorageUnavailable(
+            f"site {source.site} has no active BUFFER location accepting writes for packages"
+        )
     return buffer
 
 

@@ -66,7 +66,8 @@ def process_staging_jobs(
     verbose: bool = False, *, owner: str = "staging-manager"
 ) -> dict[str, int]:
     """The staging manager (seed 002): claim pending jobs and send each to the staging queue of
-    its destination after the claim commits."""
+    its destination after the claim commits. A job whose destination is not accepting writes
+    (the disk monitor found it full) stays pending until it is reopened."""
     from pipelines.queues import OperationType, queue_name
     from pipelines.tasks import stage_data_task
 
@@ -74,6 +75,7 @@ def process_staging_jobs(
         StagingJob,
         stage_data_task,
         owner=owner,
+        queryset=StagingJob.objects.due().filter(destination_location__accepting_writes=True),
         select_related=("destination_location__site",),
         queue_of=lambda job: queue_name(job.destination_location, OperationType.STAGING),
     )

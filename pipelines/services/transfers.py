@@ -316,20 +316,33 @@ def _create_secondary_transfers(arrived: DataTransfer, actor: str) -> int:
 def route_destination(route: DataTransferRoute) -> DataLocation:
     """Where a route delivers: its explicit destination location (CUSTOM, or any route naming
     one), else the destination site's highest-priority active BUFFER, or for a DIRECT route
-    (skip the destination buffer) its highest-priority active LONG_TERM_ARCHIVE."""
+    (skip the destination buffer) its highest-priority active LONG_TERM_ARCHIVE; in both cases
+    only locations accepting writes (the disk monitor clears that on a full one). Raises
+    ``StorageUnavailable`` (retryable: the transfer is planned again next tick) when there is
+    none, or when the explicit destination does not accept writes now."""
     if route.destination_location_id is not None:
-        return route.destination_location  # type: ignore[return-value]
+        explicit: DataLocation = route.destination_location  # type: ignore[assignment]
+        if not explicit.accepting_writes:
+            raise StorageUnavailable(
+                f"route {route.name}: {explicit} is not accepting writes (full); the transfer "
+                "waits until the disk monitor reopens it"
+            )
+        return explicit
     kind = LT.LONG_TERM_ARCHIVE if route.route_type == RouteType.DIRECT else LT.BUFFER
     location = (
         DataLocation.objects.filter(
-            site_id=route.destination_site_id, location_type=kind, active=True
+            site_id=route.destination_site_id,
+            location_type=kind,
+            active=True,
+            accepting_writes=True,
         )
         .order_by("-priority", "pk")
         .first()
     )
     if location is None:
         raise StorageUnavailable(
-            f"route {route.name}: site {route.destination_site_id} has no active {kind} location"
+            f"route {route.name}: site {route.destination_site_id} has no active {kind} "
+            "location accepting writes"
         )
     return location
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 from importlib import import_module
 from typing import TYPE_CHECKING, Any, Protocol
@@ -34,6 +36,16 @@ class Reader(Protocol):
 class ObjectNotFound(NonRetryableError):
     """The path names no object at a location that is itself reachable. (An unreachable
     location raises ``StorageUnavailable`` instead, so a lost mount never reads as "missing".)"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    """One stored object as a listing sees it: its relative path, its size in bytes and when it
+    was last modified (timezone-aware, UTC)."""
+
+    relative_path: str
+    size: int
+    modified_at: datetime
 
 
 class Storage(abc.ABC):
@@ -87,6 +99,15 @@ class Storage(abc.ABC):
         """Size in bytes of the stored object; ``ObjectNotFound`` when there is none."""
 
     @abc.abstractmethod
+    def rename(self, source_path: str, target_path: str) -> None:
+        """Move the object at ``source_path`` to ``target_path``, replacing any object there.
+
+        Atomic for readers of ``target_path``: they see the old object or the new one, never a
+        mix (POSIX rename; on S3 a server-side copy, then the source is removed). A repair uses
+        it to put verified bytes over a damaged copy. ``ObjectNotFound`` when ``source_path``
+        is not there."""
+
+    @abc.abstractmethod
     def delete(self, relative_path: str) -> None:
         """Remove the object. Idempotent: deleting what is not there succeeds."""
 
@@ -96,6 +117,13 @@ class Storage(abc.ABC):
         in code-point order of the full relative path (the order S3 lists keys in), so a
         storage audit can merge the listing with an ordered query. Temporary files of writes
         in progress are not listed."""
+
+    @abc.abstractmethod
+    def list_entries(self, prefix: str = "") -> Iterator[StoredObject]:
+        """Like ``list`` (same objects, same order, temporary files of writes in progress left
+        out), with each object's size and modification time, streamed: memory does not grow with
+        the number of objects (POSIX holds one directory's entries at a time, S3 one page). An
+        object that vanishes between being seen and being looked at is left out."""
 
     @abc.abstractmethod
     def free_bytes(self) -> int | None:

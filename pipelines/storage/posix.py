@@ -14,12 +14,13 @@ import secrets
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 from pipelines.exceptions import NonRetryableError, StorageUnavailable
 
-from .base import ObjectNotFound, Reader, Storage, iter_chunks, location_label
+from .base import ObjectNotFound, Reader, Storage, StoredObject, iter_chunks, location_label
 from .checksums import CHUNK_SIZE, new_hasher
 from .paths import normalize_relative_path, safe_join
 
@@ -147,6 +148,18 @@ class PosixStorage(Storage):
             raise ObjectNotFound(f"{self.label}: {relative_path!r} is not a file")
         return info.st_size
 
+    def rename(self, source_path: str, target_path: str) -> None:
+        source = self._path(source_path)
+        target = self._path(target_path)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+        except OSError as exc:
+            self._raise(exc, "rename", source_path)
+        _fsync_directory(target.parent)
+        if source.parent != target.parent:
+            _fsync_directory(source.parent)
+
     def delete(self, relative_path: str) -> None:
         path = self._path(relative_path)
         try:
@@ -159,6 +172,24 @@ class PosixStorage(Storage):
         _fsync_directory(path.parent)
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        for relative_path, _entry in self._entries(prefix):
+            yield relative_path
+
+    def list_entries(self, prefix: str = "") -> Iterator[StoredObject]:
+        for relative_path, entry in self._entries(prefix):
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed since the directory was read: not there any more
+            except OSError as exc:
+                self._raise(exc, "look up", relative_path)
+            yield StoredObject(
+                relative_path,
+                info.st_size,
+                datetime.fromtimestamp(info.st_mtime, tz=UTC),
+            )
+
+    def _entries(self, prefix: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
         self._require_root()
         if prefix:
             start = normalize_relative_path(prefix)
@@ -169,10 +200,13 @@ class PosixStorage(Storage):
         else:
             yield from self._walk(self.root, "")
 
-    def _walk(self, directory: Path, relative_prefix: str) -> Iterator[str]:
-        """Files below ``directory`` in code-point order of their relative path: a directory
-        sorts as its name plus "/", which is exactly where its files fall in that order.
-        Symbolic links are neither listed nor followed (they could lead outside the root)."""
+    def _walk(
+        self, directory: Path, relative_prefix: str
+    ) -> Iterator[tuple[str, os.DirEntry[str]]]:
+        """(relative path, directory entry) of the files below ``directory`` in code-point order
+        of their relative path: a directory sorts as its name plus "/", which is exactly where
+        its files fall in that order. Symbolic links are neither listed nor followed (they could
+        lead outside the root). Holds the entries of one directory per level at a time."""
         try:
             with os.scandir(directory) as scan:
                 entries = list(scan)
@@ -186,11 +220,13 @@ class PosixStorage(Storage):
                 if entry.name.startswith(".") and entry.name.endswith(_TEMP_SUFFIX):
                     continue
                 keyed.append((entry.name, entry))
-        for key, entry in sorted(keyed, key=lambda item: item[0]):
+        del entries
+        keyed.sort(key=lambda item: item[0])
+        for key, entry in keyed:
             if key.endswith("/"):
                 yield from self._walk(Path(entry.path), relative_prefix + key)
             else:
-                yield relative_prefix + key
+                yield relative_prefix + key, entry
 
     def free_bytes(self) -> int | None:
         self._require_root()
@@ -199,6 +235,18 @@ class PosixStorage(Storage):
         except OSError as exc:
             self._raise(exc, "measure", ".")
         return vfs.f_bavail * vfs.f_frsize
+
+    def filesystem_usage(self) -> tuple[int, int]:
+        """``(used, free)`` bytes of the whole file system the root lives on, as ``df`` counts
+        them: used = all blocks minus the free ones, free = what an unprivileged writer may
+        still use (blocks reserved for root are neither). The disk monitor's measurement."""
+        self._require_root()
+        try:
+            vfs = os.statvfs(self.root)
+        except OSError as exc:
+            self._raise(exc, "measure", ".")
+        used = (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
+        return used, vfs.f_bavail * vfs.f_frsize
 
 
 def _write_all(out: BinaryIO, chunk: memoryview) -> None:

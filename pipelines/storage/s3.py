@@ -33,7 +33,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from pipelines.exceptions import NonRetryableError, StorageUnavailable, UnsafePath
 
-from .base import ObjectNotFound, Reader, Storage, location_label
+from .base import ObjectNotFound, Reader, Storage, StoredObject, location_label
 from .checksums import new_hasher
 from .paths import normalize_relative_path
 
@@ -313,6 +313,22 @@ class S3Storage(Storage):
             )
         return int(answer["ContentLength"])
 
+    def rename(self, source_path: str, target_path: str) -> None:
+        # S3 has no rename: a server-side copy (atomic for readers of the target key, the bytes
+        # never leave the store), then the source goes. CopyObject takes at most 5 GiB; larger
+        # objects go through boto3's managed copy (multipart UploadPartCopy).
+        source = {"Bucket": self.bucket, "Key": self.key(source_path)}
+        target = self.key(target_path)
+        size = self.size(source_path)
+        try:
+            if size <= _MAX_PART_SIZE:
+                self.client.copy_object(CopySource=source, Bucket=self.bucket, Key=target)
+            else:
+                self.client.copy(source, self.bucket, target)
+        except (BotoCoreError, ClientError, urllib3.exceptions.HTTPError) as exc:
+            self._raise(exc, "rename", source_path)
+        self.delete(source_path)
+
     def delete(self, relative_path: str) -> None:
         # S3 answers 204 for a key that is not there: idempotent as it stands.
         try:
@@ -321,6 +337,12 @@ class S3Storage(Storage):
             self._raise(exc, "delete", relative_path)
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        for item in self.list_entries(prefix):
+            yield item.relative_path
+
+    def list_entries(self, prefix: str = "") -> Iterator[StoredObject]:
+        # ListObjectsV2 returns keys in UTF-8 byte order, which is code-point order, one page
+        # of at most 1,000 keys at a time.
         start = self.prefix + (normalize_relative_path(prefix) + "/" if prefix else "")
         cut = len(self.prefix)
         paginator = self.client.get_paginator("list_objects_v2")
@@ -329,7 +351,7 @@ class S3Storage(Storage):
                 for item in page.get("Contents", ()):
                     key = item["Key"]
                     if not key.endswith("/"):  # "directory" marker objects of some tools
-                        yield key[cut:]
+                        yield StoredObject(key[cut:], int(item["Size"]), item["LastModified"])
         except (BotoCoreError, ClientError, urllib3.exceptions.HTTPError) as exc:
             self._raise(exc, "list", prefix or ".")
 
