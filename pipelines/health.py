@@ -285,4 +285,12 @@ def health_report() -> tuple[int, dict[str, Any]]:
             body["failed"] = _failed_counts()
         except Exception:
             log.exception("health: failed counts could not be read")
+        # Integrity (issue 10): damaged copies and failed repairs are data problems an operator
+        # must see, not outages: reported here, never a reason for a 503.
+        try:
+            from pipelines.services.integrity import integrity_counts
+
+            body["integrity"] = integrity_counts()
+        except Exception:
+            log.exception("health: integrity counts could not be read")
     return (200 if healthy else 503), body

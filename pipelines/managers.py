@@ -18,6 +18,9 @@ MANAGERS: dict[str, str] = {
     "unpack": "pipelines.services.transfers.unpack_manager_tick",
     "archive": "pipelines.services.archive.archive_manager_tick",
     "staging": "pipelines.services.staging.staging_manager_tick",
+    # Integrity (issue 10): re-verify copies whose interval passed; repair damaged copies.
+    "integrity": "pipelines.services.integrity.integrity_manager_tick",
+    "repair": "pipelines.services.integrity.repair_manager_tick",
 }
 
 

@@ -18,6 +18,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from pipelines.exceptions import is_retryable
 from pipelines.models import (
+    CopyRepair,
     DataTransfer,
     DataTransferPackage,
     LongTermArchiveTransfer,
@@ -339,6 +340,100 @@ def stage_data_task(
     from pipelines.services.staging import staging_job_run
 
     return _claimed(self, staging_job_run, staging_job_id, claim_token)
+
+
+# --- integrity: re-verification and repair (pipelines/services/integrity.py) ----------------------
+@shared_task(name="pipelines.tasks.run_integrity_manager")
+def run_integrity_manager() -> dict[str, int]:
+    """Periodic: claim copies due for re-verification, dispatch one verification each."""
+    return _manager("integrity")
+
+
+@shared_task(name="pipelines.tasks.run_repair_manager")
+def run_repair_manager() -> dict[str, int]:
+    """Periodic: claim pending repairs of damaged copies, dispatch them."""
+    return _manager("repair")
+
+
+@shared_task(
+    name="pipelines.tasks.verify_physical_copy",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    serializer="json",
+)
+def verify_physical_copy(physical_copy_id: int, claimed_until: str = "") -> dict[str, Any]:
+    """Worker: read one claimed copy back and record the result (``copy_verification_run``).
+    Not an operation row: a worker that dies leaves the copy's claim to expire, and the copy is
+    due again."""
+    from pipelines.services.integrity import copy_verification_run
+
+    result = copy_verification_run(
+        physical_copy_id, claimed_until=claimed_until, actor=f"worker:{worker_identity()}"
+    )
+    return {"id": physical_copy_id, "outcome": result.outcome, "message": result.message}
+
+
+@shared_task(
+    base=OperationTask,
+    bind=True,
+    name="pipelines.tasks.repair_physical_copy",
+    operation_model=CopyRepair,
+)
+def repair_physical_copy(
+    self: OperationTask, copy_repair_id: int, claim_token: str = ""
+) -> dict[str, Any]:
+    """Worker: re-copy one damaged copy from a verified good copy (``copy_repair_run``)."""
+    from pipelines.services.integrity import copy_repair_run
+
+    return _claimed(self, copy_repair_run, copy_repair_id, claim_token)
+
+
+# --- disk monitor and storage audit (pipelines/services/disk.py, audit.py) ------------------------
+@shared_task(name="pipelines.tasks.run_disk_manager")
+def run_disk_manager() -> dict[str, int]:
+    """Periodic: measure every location's usage; a full one stops accepting new data."""
+    return _manager("disk")
+
+
+@shared_task(
+    name="pipelines.tasks.audit_storage_location",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    serializer="json",
+)
+def audit_storage_location(data_location_id: int) -> dict[str, Any]:
+    """Worker (on the location's integrity_check queue, where its storage is reachable): audit
+    one location's storage against the database (``audit_storage``). Safe to run twice; a
+    worker lost mid-audit leaves nothing half done (dark files are upserts, lost copies are
+    marked one by one after a re-check)."""
+    from pipelines.models import DataLocation
+    from pipelines.services.audit import audit_storage
+
+    location = DataLocation.objects.select_related("site").get(pk=data_location_id)
+    return audit_storage(location).as_dict()
+
+
+# --- deletion (pipelines/services/deletion.py) ----------------------------------------------------
+@shared_task(name="pipelines.tasks.run_deletion_manager")
+def run_deletion_manager() -> dict[str, int]:
+    """Periodic: schedule the copies the deletion policy lets go, dispatch their deletions."""
+    return _manager("deletion")
+
+
+@shared_task(
+    base=OperationTask,
+    bind=True,
+    name="pipelines.tasks.delete_physical_copy",
+    operation_model=DeletionTask,
+)
+def delete_physical_copy(
+    self: OperationTask, deletion_task_id: int, claim_token: str = ""
+) -> dict[str, Any]:
+    """Worker: re-judge and delete the copy of one claimed DeletionTask
+    (``physical_copy_delete``)."""
+    from pipelines.services.deletion import physical_copy_delete
+
+    return _claimed(self, physical_copy_delete, deletion_task_id, claim_token)
 
 
 # --- worker heartbeats ---------------------------------------------------------------------------

@@ -214,6 +214,16 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
         "task": "pipelines.tasks.process_staging_jobs",
         "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
     },
+    # Integrity (issue 10), every WORKFLOW_MANAGER_INTERVAL: dispatch re-verifications of copies
+    # whose location's verification interval passed, and repairs of damaged copies.
+    "run-integrity-manager": {
+        "task": "pipelines.tasks.run_integrity_manager",
+        "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
+    },
+    "run-repair-manager": {
+        "task": "pipelines.tasks.run_repair_manager",
+        "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
+    },
 }
 
 # --- Facility -----------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from django.contrib import admin
-from django.db.models import Model
+from django.contrib import admin, messages
+from django.db.models import Model, QuerySet
 from django.http import HttpRequest
 
 from pipelines.models import (
@@ -121,6 +121,26 @@ class PhysicalCopyAdmin(OpsModelAdmin):
         "location",
     )
     inlines = (DeletionTaskOfCopyInline,)
+    # Integrity (issue 10): an operator's re-verification through the integrity service.
+    actions = ("verify_now",)
+
+    @admin.action(description="Verify now (read back and compare checksums)")
+    def verify_now(self, request: HttpRequest, queryset: QuerySet[PhysicalCopy]) -> None:
+        """Dispatch a verification of each selected copy to its location's workers
+        (``copies_verify_now``); the result appears on the copy and in its events."""
+        from pipelines.services.integrity import copies_verify_now
+
+        from .actions import ACTION_LIMIT
+
+        rows = list(queryset[:ACTION_LIMIT])
+        dispatched = copies_verify_now(rows)
+        self.message_user(
+            request,
+            f"Dispatched {dispatched} verification(s) to the workers; "
+            f"{len(rows) - dispatched} skipped (being deleted, deleted, or already being "
+            "verified). Results appear on each copy and in its events.",
+            messages.SUCCESS if dispatched else messages.WARNING,
+        )
 
 
 @admin.register(DataLocationUsage)
