@@ -21,6 +21,7 @@ from pipelines.models import (
     CopyRepair,
     DataTransfer,
     DataTransferPackage,
+    DeletionTask,
     LongTermArchiveTransfer,
     Operation,
     RawDataPackage,
