@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 
 # Every pause point, so the tests and the code cannot drift apart on a name.
-POINTS = frozenset({"packaging.mid_tar", "transfer.after_copy", "unpack.mid_bundle"})
+POINTS = frozenset(
+    {"packaging.mid_tar", "transfer.after_copy", "unpack.mid_bundle", "deletion.mid_delete"}
+)
 
 
 def pause_point(name: str) -> None:

@@ -21,6 +21,8 @@ MANAGERS: dict[str, str] = {
     # Integrity (issue 10): re-verify copies whose interval passed; repair damaged copies.
     "integrity": "pipelines.services.integrity.integrity_manager_tick",
     "repair": "pipelines.services.integrity.repair_manager_tick",
+    # Deletion (issue 10): schedule copies the policy lets go, dispatch their deletions.
+    "deletion": "pipelines.services.deletion.deletion_manager_tick",
 }
 
 

@@ -224,6 +224,12 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
         "task": "pipelines.tasks.run_repair_manager",
         "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
     },
+    # Deletion (issue 10), every WORKFLOW_MANAGER_INTERVAL: schedule the copies the deletion
+    # policy lets go (full locations first) and dispatch their deletions.
+    "run-deletion-manager": {
+        "task": "pipelines.tasks.run_deletion_manager",
+        "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
+    },
 }
 
 # --- Facility -----------------------------------------------------------------------------------
