@@ -8,7 +8,6 @@ PROCESSING). Other deletion test modules import it from here.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
