@@ -50,7 +50,7 @@ def events(copy: PhysicalCopy) -> list[tuple[str, str]]:
     return list(
         StateEvent.objects.filter(
             entity="physical_copy", object_id=str(copy.pk), field="integrity"
-        ).values_list("from_state", "to_state")
+        ).order_by("pk").values_list("from_state", "to_state")
     )
 
 
@@ -66,7 +66,7 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str, str]]:
     return calls
 
 
-# --- reading back ----------------------------------------------------------------------------------
+# --- reading back --------------------------------------------------------------------------------
 @pytest.mark.django_db
 def test_a_good_unverified_copy_becomes_verified_with_an_event(tmp_path: Path) -> None:
     copy = package_copy(tmp_path)
@@ -215,9 +215,7 @@ def test_a_mark_waits_for_the_package_lock_held_by_a_deletion_style_move(
     """A deletion start holds the package row (copy_lock_object) while it re-checks its rule; a
     mark of the sibling copy must wait for it, then see its result."""
     good = package_copy(tmp_path, integrity=I.VERIFIED)
-    other = package_copy(
-        tmp_path, name="b", package=good.raw_data_package, integrity=I.VERIFIED
-    )
+    other = package_copy(tmp_path, name="b", package=good.raw_data_package, integrity=I.VERIFIED)
     holding = threading.Event()
     release = threading.Event()
     order: list[str] = []
@@ -332,9 +330,7 @@ def test_the_worker_verifies_and_releases_only_its_own_claim(tmp_path: Path) -> 
 @pytest.mark.django_db
 def test_an_unreadable_copy_keeps_its_claim_until_it_expires(tmp_path: Path) -> None:
     copy = package_copy(tmp_path)
-    type(copy.location).objects.filter(pk=copy.location_id).update(
-        root_path=str(tmp_path / "gone")
-    )
+    type(copy.location).objects.filter(pk=copy.location_id).update(root_path=str(tmp_path / "gone"))
     until, _ids = copies_claim_for_verification(copies_due_for_verification(), limit=10)
     result = copy_verification_run(copy.pk, claimed_until=until.isoformat(), actor="w")
     assert (result.outcome, result.retry_later) == ("skipped", True)

@@ -85,11 +85,12 @@ class Command(BaseCommand):
                 if result.outcome in (MISMATCH, MISSING) or (
                     result.outcome == SKIPPED and options["verbosity"] >= 2
                 ):
-                    bar.write(
-                        f"{result.outcome.upper()}: copy {copy.pk} at {copy.location} "
-                        f"({copy.relative_path}): {result.message}",
-                        file=sys.stdout,
-                    )
+                    # Clear the bar, print the line through the command's own stdout, redraw.
+                    with tqdm.external_write_mode(file=sys.stderr):
+                        self.stdout.write(
+                            f"{result.outcome.upper()}: copy {copy.pk} at {copy.location} "
+                            f"({copy.relative_path}): {result.message}"
+                        )
                 bar.update(1)
         damaged = counts[MISMATCH] + counts[MISSING]
         summary = ", ".join(f"{counts[outcome]} {outcome}" for outcome in OUTCOMES)
