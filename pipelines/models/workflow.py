@@ -3,7 +3,9 @@ manager §2)."""
 
 from __future__ import annotations
 
+import math
 import re
+from datetime import UTC, datetime
 from typing import ClassVar
 
 from django.conf import settings
@@ -20,6 +22,73 @@ def validate_step_name(value: str) -> None:
     # Step names become directory names under the pipeline workspace.
     if not _STEP_NAME.match(value or ""):
         raise ValidationError(f"{value!r}: use 1-64 of a-z, 0-9, '_', '-', '.' (no leading dot)")
+
+
+# --- Validation of groupings, pipelines and steps (workflow engine, helper "grouping") ----------
+# Resource requirement key -> (lowest, highest, what it is). Backends translate these (SLURM
+# --cpus-per-task/--mem/--time, Kubernetes requests = limits); the bounds keep a typo such as
+# memory_gb 16000 from reaching a scheduler, and 1 minute is the shortest time any accepts.
+RESOURCE_LIMITS: dict[str, tuple[float, float, str]] = {
+    "cpu": (1, 1024, "an integer number of cores from 1 to 1024"),
+    "memory_gb": (0, 65536, "a number of GB above 0, at most 65536"),
+    "time_hours": (1 / 60, 720, "a number of hours from 1/60 (one minute) to 720"),
+}
+
+
+def validate_resource_requirements(value: object) -> dict:
+    """A step's resource requirements, or ValidationError naming the bad key. ``{}`` leaves
+    every resource to the backend's default; unknown keys are refused (not silently ignored)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValidationError(
+            f'resource requirements are an object such as {{"cpu": 4, "memory_gb": 16, '
+            f'"time_hours": 2}}, not {value!r}'
+        )
+    errors = []
+    for key, amount in value.items():
+        if key not in RESOURCE_LIMITS:
+            errors.append(f"unknown resource {key!r}; known: {', '.join(RESOURCE_LIMITS)}")
+            continue
+        low, high, words = RESOURCE_LIMITS[key]
+        is_number = isinstance(amount, (int, float)) and not isinstance(amount, bool)
+        if key == "cpu":
+            ok = isinstance(amount, int) and not isinstance(amount, bool) and low <= amount <= high
+        elif key == "memory_gb":
+            ok = is_number and math.isfinite(amount) and low < amount <= high
+        else:
+            ok = is_number and math.isfinite(amount) and low <= amount <= high
+        if not ok:
+            errors.append(f"{key} must be {words}, not {amount!r}")
+    if errors:
+        raise ValidationError(errors)
+    return value
+
+
+# The @-aliases croniter understands; a due time is a minute, so only 5-field expressions.
+_CRON_ALIASES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+
+
+def validate_cron_expression(expression: object) -> str:
+    """A 5-field cron expression (or an @-alias such as ``@daily``) that croniter accepts and
+    that fires at least once (``0 0 30 2 *`` never does); ValidationError otherwise."""
+    from croniter import CroniterError, croniter
+
+    if not isinstance(expression, str) or not expression.strip():
+        raise ValidationError(f'a cron expression such as "0 3 * * *" is text, not {expression!r}')
+    text = expression.strip()
+    fields = text.split()
+    if not (text in _CRON_ALIASES or len(fields) == 5) or not croniter.is_valid(text):
+        raise ValidationError(
+            f"{expression!r} is not a cron expression: use 5 fields (minute hour day-of-month "
+            f'month day-of-week, e.g. "0 3 * * *" for 03:00 every day) or one of '
+            f"{', '.join(_CRON_ALIASES)}"
+        )
+    try:
+        croniter(text, datetime(2000, 1, 1, tzinfo=UTC)).get_next(datetime)
+    except CroniterError as exc:
+        raise ValidationError(f"{expression!r} never fires ({exc})") from None
+    return text
 
 
 class ReductionSoftware(TimeStamped):
@@ -100,6 +169,17 @@ class DataGrouping(TimeStamped):
     def __str__(self) -> str:
         return self.name
 
+    def clean(self) -> None:
+        # Unknown tables, columns, operators and values of the wrong type are refused here, so
+        # the admin and every service calling full_clean() report them naming the rule; the
+        # rules are stored normalised (canonical table names).
+        from pipelines.grouping import validate_filter_rules
+
+        try:
+            self.filter_rules = validate_filter_rules(self.filter_rules)
+        except ValidationError as exc:
+            raise ValidationError({"filter_rules": exc.messages}) from None
+
 
 class TriggerType(models.TextChoices):
     CONTINUOUS = "continuous", "Continuous"
@@ -163,6 +243,48 @@ class Pipeline(TimeStamped):
             and self.processing_location.location_type != DataLocation.LocationType.PROCESSING
         ):
             raise ValidationError({"processing_location": "must be a PROCESSING location"})
+        self.trigger_config = validate_trigger_config(self.trigger_type, self.trigger_config)
+
+
+def validate_trigger_config(trigger_type: str, config: object) -> dict:
+    """The trigger configuration for ``trigger_type``, or ValidationError (on the
+    ``trigger_config`` field): CRON takes exactly ``{"cron": "<5-field expression>"}``;
+    CONTINUOUS and MANUAL take no configuration (``{}``), so a cron left on a pipeline switched
+    to CONTINUOUS is refused rather than silently ignored."""
+    if config is None:
+        config = {}
+    if not isinstance(config, dict):
+        raise ValidationError({"trigger_config": f"an object such as {{}}, not {config!r}"})
+    if trigger_type == TriggerType.CRON:
+        unknown = sorted(set(config) - {"cron"})
+        if unknown:
+            raise ValidationError(
+                {
+                    "trigger_config": f"unknown key(s) {', '.join(map(repr, unknown))}; "
+                    'a CRON pipeline takes {"cron": "<expression>"}'
+                }
+            )
+        if "cron" not in config:
+            raise ValidationError(
+                {
+                    "trigger_config": 'a CRON pipeline needs {"cron": "<expression>"}, e.g. '
+                    '{"cron": "0 3 * * *"}'
+                }
+            )
+        try:
+            return {"cron": validate_cron_expression(config["cron"])}
+        except ValidationError as exc:
+            raise ValidationError({"trigger_config": exc.messages}) from None
+    if config:
+        label = TriggerType(trigger_type).label if trigger_type in TriggerType.values else "This"
+        what = "a cron expression" if "cron" in config else "trigger configuration"
+        raise ValidationError(
+            {
+                "trigger_config": f"a {label.upper()} pipeline takes no {what}: leave it {{}} "
+                "(only CRON pipelines have a schedule)"
+            }
+        )
+    return {}
 
 
 class VersionPolicy(models.TextChoices):
@@ -233,16 +355,34 @@ class ReductionStep(TimeStamped):
     def clean(self) -> None:
         # The key must name a registered instrument, or no run of this step could render its
         # script. Checked here (not as a field validator) so the registry stays code, not schema.
+        from pipelines.grouping import validate_group_by
+        from pipelines.services.pipelines import reduction_step_check_dependencies
         from reduction.instruments import INSTRUMENTS
 
+        errors: dict[str, list[str]] = {}
         if self.reduction_instrument and self.reduction_instrument not in INSTRUMENTS:
             known = ", ".join(sorted(INSTRUMENTS))
-            raise ValidationError(
-                {
-                    "reduction_instrument": f"unknown instrument {self.reduction_instrument!r}; "
-                    f"known: {known}"
-                }
-            )
+            errors["reduction_instrument"] = [
+                f"unknown instrument {self.reduction_instrument!r}; known: {known}"
+            ]
+        try:
+            self.group_by = validate_group_by(self.group_by)
+        except ValidationError as exc:
+            errors["group_by"] = exc.messages
+        try:
+            self.resource_requirements = validate_resource_requirements(self.resource_requirements)
+        except ValidationError as exc:
+            errors["resource_requirements"] = exc.messages
+        # depends_on is saved after the row (a many-to-many), so a form passes the new upstream
+        # steps to reduction_step_check_dependencies itself; here the saved links are checked
+        # against this row's (possibly changed) pipeline.
+        if self.pk and self.pipeline_id:
+            try:
+                reduction_step_check_dependencies(self, list(self.depends_on.all()))
+            except ValidationError as exc:
+                errors.setdefault("pipeline", []).extend(exc.messages)
+        if errors:
+            raise ValidationError(errors)
 
 
 class RunStatus(models.TextChoices):
