@@ -21,8 +21,22 @@ MANAGERS: dict[str, str] = {
     # Integrity (issue 10): re-verify copies whose interval passed; repair damaged copies.
     "integrity": "pipelines.services.integrity.integrity_manager_tick",
     "repair": "pipelines.services.integrity.repair_manager_tick",
+    # Disk monitor (issue 10): measure usage; a full location stops taking new data.
+    "disk": "pipelines.services.disk.disk_monitor_tick",
     # Deletion (issue 10): schedule copies the policy lets go, dispatch their deletions.
     "deletion": "pipelines.services.deletion.deletion_manager_tick",
+    # Trigger manager (issue 11): PENDING runs for the gaps of the served pipelines' steps.
+    "trigger": "pipelines.services.triggers.trigger_manager_tick",
+    # Workflow and result managers (issue 11, engine-runs): claim, stage and submit runs; poll
+    # their jobs, collect products, retry failed runs.
+    "workflow": "pipelines.services.runs.workflow_manager_tick",
+    "result": "pipelines.services.results.result_manager_tick",
+}
+
+# Managers beat fires on another schedule than WORKFLOW_MANAGER_INTERVAL: the setting holding
+# their interval, so /health measures their lag against the right period.
+MANAGER_INTERVAL_SETTINGS: dict[str, str] = {
+    "disk": "WORKFLOW_DISK_MONITOR_INTERVAL",  # disk monitor (issue 10)
 }
 
 
@@ -36,7 +50,9 @@ def manager_tick(name: str, *, owner: str) -> dict[str, int]:
     heartbeat(
         "manager",
         name,
-        interval=settings.WORKFLOW_MANAGER_INTERVAL,
+        interval=getattr(
+            settings, MANAGER_INTERVAL_SETTINGS.get(name, "WORKFLOW_MANAGER_INTERVAL")
+        ),
         counts=counts,
         ttl=settings.WORKFLOW_HEARTBEAT_TTL,
     )

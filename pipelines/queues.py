@@ -238,6 +238,13 @@ def discover_queues(
 TASK_ROUTES: dict[str, str] = {
     # The lease reconciler is periodic like the managers and runs with them.
     "pipelines.tasks.recover_expired_leases": MANAGERS_QUEUE,
+    # Trigger manager (issue 11): the on-demand evaluation runs with the periodic managers.
+    "pipelines.tasks.evaluate_triggers_now": MANAGERS_QUEUE,
+    # Workflow runs (issue 11, engine-runs): submission to the HPC backend, then collection
+    # (the tick's dispatch and the job's own completion push).
+    "pipelines.tasks.submit_run": HPC_QUEUE,
+    "pipelines.tasks.collect_run_results": RESULTS_QUEUE,
+    "pipelines.tasks.run_job_finished": RESULTS_QUEUE,
 }
 
 

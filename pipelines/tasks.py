@@ -437,6 +437,92 @@ def delete_physical_copy(
     return _claimed(self, physical_copy_delete, deletion_task_id, claim_token)
 
 
+# --- trigger manager (issue 11) -----------------------------------------------------------------
+@shared_task(name="pipelines.tasks.run_trigger_manager")
+def run_trigger_manager() -> dict[str, int]:
+    """Periodic: create PENDING runs for the gaps of the served pipelines' steps."""
+    return _manager("trigger")
+
+
+@shared_task(name="pipelines.tasks.evaluate_triggers_now")
+def evaluate_triggers_now() -> dict[str, int]:
+    """On demand (queued after a package is archived or a run completes, coalesced by
+    ``queue_trigger_evaluation``): an incremental trigger evaluation at once."""
+    from pipelines.services.triggers import trigger_evaluate_now
+
+    return trigger_evaluate_now(owner=worker_identity())
+
+
+# --- workflow and result managers, run submission and collection (issue 11, engine-runs) ---------
+@shared_task(name="pipelines.tasks.run_workflow_manager")
+def run_workflow_manager() -> dict[str, int]:
+    """Periodic: claim PENDING runs, stage their inputs, dispatch the submission of staged runs."""
+    return _manager("workflow")
+
+
+@shared_task(name="pipelines.tasks.run_result_manager")
+def run_result_manager() -> dict[str, int]:
+    """Periodic: poll submitted and running jobs in batches, dispatch collections, retry."""
+    return _manager("result")
+
+
+def _run_task(run_id: int, claim_token: str, work: Callable[..., Any]) -> dict[str, Any]:
+    """A claimed run's worker: ``work(run_id, token=, owner=)``. A redelivered task whose claim
+    no longer holds the run does nothing; any error fails the run's attempt (a retry while the
+    error is transient and retries are left, for good otherwise)."""
+    from pipelines.services.operations import ClaimLost
+    from pipelines.services.runs import run_fail_for_exception
+
+    owner = worker_identity()
+    try:
+        run = work(run_id, token=claim_token, owner=owner)
+    except ClaimLost as exc:
+        log.info("run %s: %s", run_id, exc)
+        return {"id": run_id, "done": False, "reason": str(exc)}
+    except Exception as exc:
+        log.exception("run %s failed", run_id)
+        error: BaseException = exc
+        _with_live_connection(
+            lambda: bool(
+                run_fail_for_exception(run_id, error, token=claim_token, actor=f"worker:{owner}")
+            )
+        )
+        return {"id": run_id, "done": False, "reason": _describe(exc)}
+    return {"id": run_id, "done": True, "status": run.status}
+
+
+@shared_task(
+    name="pipelines.tasks.submit_run", acks_late=True, reject_on_worker_lost=True, max_retries=0
+)
+def submit_run(run_id: int, claim_token: str = "") -> dict[str, Any]:
+    """Worker (workflow.hpc): prepare one staged run's attempt and submit it."""
+    from pipelines.services.runs import run_submit
+
+    return _run_task(run_id, claim_token, run_submit)
+
+
+@shared_task(
+    name="pipelines.tasks.collect_run_results",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=0,
+)
+def collect_run_results(run_id: int, claim_token: str = "") -> dict[str, Any]:
+    """Worker (workflow.results): register one finished run's products and complete it."""
+    from pipelines.services.results import run_collect
+
+    return _run_task(run_id, claim_token, run_collect)
+
+
+@shared_task(name="pipelines.tasks.run_job_finished", acks_late=True, max_retries=0)
+def run_job_finished(run_id: int) -> dict[str, Any]:
+    """Pushed by a job when it ends (the local backend's wrapper): poll that run's job and
+    collect it at once. Safe to repeat and to lose: the result manager's tick polls anyway."""
+    from pipelines.services.results import run_collect_now
+
+    return run_collect_now(run_id, owner=worker_identity())
+
+
 # --- worker heartbeats ---------------------------------------------------------------------------
 _worker_heartbeat: Any = None
 

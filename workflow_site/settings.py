@@ -191,6 +191,8 @@ WORKFLOW_MANAGER_INTERVAL = env_int("WORKFLOW_MANAGER_INTERVAL", 60, minimum=1)
 WORKFLOW_RECOVERY_INTERVAL = env_int("WORKFLOW_RECOVERY_INTERVAL", 300, minimum=1)
 # Heartbeat keys live this long; services refresh them every third of it (ops-db: 90 s / 30 s).
 WORKFLOW_HEARTBEAT_TTL = env_int("WORKFLOW_HEARTBEAT_TTL", 90, minimum=3)
+# Disk monitor (issue 10): seconds between measurements of every location's usage.
+WORKFLOW_DISK_MONITOR_INTERVAL = env_int("WORKFLOW_DISK_MONITOR_INTERVAL", 300, minimum=1)
 
 # Periodic managers. Beat only fires these; each finds due rows and dispatches worker tasks.
 # pipelines.beat.Scheduler creates the entries by name in django-celery-beat's tables, where
@@ -224,10 +226,33 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
         "task": "pipelines.tasks.run_repair_manager",
         "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
     },
+    # Disk monitor (issue 10), every WORKFLOW_DISK_MONITOR_INTERVAL (five minutes): measure
+    # each location's usage; a full one stops taking new packages and transfers.
+    "run-disk-manager": {
+        "task": "pipelines.tasks.run_disk_manager",
+        "schedule": timedelta(seconds=WORKFLOW_DISK_MONITOR_INTERVAL),
+    },
     # Deletion (issue 10), every WORKFLOW_MANAGER_INTERVAL: schedule the copies the deletion
     # policy lets go (full locations first) and dispatch their deletions.
     "run-deletion-manager": {
         "task": "pipelines.tasks.run_deletion_manager",
+        "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
+    },
+    # Trigger manager (issue 11), every WORKFLOW_MANAGER_INTERVAL (a minute): create PENDING
+    # runs for the steps' gaps; archiving a package also queues an evaluation at once.
+    "run-trigger-manager": {
+        "task": "pipelines.tasks.run_trigger_manager",
+        "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
+    },
+    # Workflow and result managers (issue 11, engine-runs), every WORKFLOW_MANAGER_INTERVAL (a
+    # minute): claim, stage and submit PENDING runs; poll jobs, collect products, retry. A job
+    # also pushes its end (run_job_finished), so the result tick is the safety net.
+    "run-workflow-manager": {
+        "task": "pipelines.tasks.run_workflow_manager",
+        "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
+    },
+    "run-result-manager": {
+        "task": "pipelines.tasks.run_result_manager",
         "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
     },
 }
@@ -246,6 +271,45 @@ DEFAULT_CHECKSUM_ALGORITHM = env_choice(
 )
 # Where each instrument's rendered reduction script is written (reduction app).
 REDUCTION_SCRIPT_DIR = env_path("REDUCTION_SCRIPT_DIR", VAR_DIR / "reduction_scripts")
+
+# --- Trigger manager (issue 11) -----------------------------------------------------------------
+# The PROCESSING location (DataLocation id) whose pipelines this instance's workflow managers
+# serve. Unset (0): the only PROCESSING location, or every one when there are several (the
+# embedded laptop facility runs all pipelines); pipelines.services.triggers.processing_location_id.
+PROCESSING_LOCATION_ID = env_int("PROCESSING_LOCATION_ID", 0, minimum=0) or None
+# Seconds between full re-evaluations of a pipeline (the safety net under the incremental ticks).
+WORKFLOW_TRIGGER_FULL_INTERVAL = env_int("WORKFLOW_TRIGGER_FULL_INTERVAL", 3600, minimum=1)
+
+# --- Workflow and result managers (issue 11, engine-runs) ---------------------------------------
+# Where run jobs execute: a key of pipelines.backends.base.BACKENDS ("local": detached processes
+# on this host, the embedded default). An unknown name fails at the first submission, naming the
+# known ones (the registry is code, so it is checked there, not here).
+HPC_BACKEND = env_str("HPC_BACKEND", "local").lower() or "local"
+# How a step's command is wrapped: pipelines.containers.RUNTIMES ("none" runs the command as it
+# is, with the same /workflow environment pointing at the host directories).
+CONTAINER_RUNTIME = env_choice(
+    "CONTAINER_RUNTIME", ("none", "apptainer", "podman", "docker"), "none"
+)
+
+# --- HPC backends: SLURM and Kubernetes (issue 12, hpc backends) --------------------------------
+# SLURM partition jobs go to; empty = the cluster's default partition (whose limits then bound
+# the steps' resources).
+SLURM_PARTITION = env_str("SLURM_PARTITION", "")
+# SLURM job id -> run directory links, so a job SLURM has forgotten is still read from its files;
+# shared by the workers that submit and the ones that poll.
+SLURM_BACKEND_DIR = env_path("SLURM_BACKEND_DIR", VAR_DIR / "slurm_jobs")
+# Namespace of the run Jobs; the image their container runs (it must hold CONTAINER_RUNTIME or,
+# for "none", the reduction programs); finished Jobs are deleted by Kubernetes after the TTL.
+K8S_NAMESPACE = env_str("K8S_NAMESPACE", "workflow")
+K8S_JOB_IMAGE = env_str("K8S_JOB_IMAGE", "python:3.11-slim")
+K8S_IMAGE_PULL_POLICY = {"ifnotpresent": "IfNotPresent", "always": "Always", "never": "Never"}[
+    env_choice("K8S_IMAGE_PULL_POLICY", ("ifnotpresent", "always", "never"), "ifnotpresent")
+]
+K8S_JOB_TTL_SECONDS = env_int("K8S_JOB_TTL_SECONDS", 86400, minimum=0)
+# Run directories reach the pod as hostPath volumes at the same paths, or, when K8S_PVC_NAME is
+# set, as sub-paths of that claim, which is mounted on the workers at K8S_PVC_ROOT.
+K8S_PVC_NAME = env_str("K8S_PVC_NAME", "")
+K8S_PVC_ROOT = env_str("K8S_PVC_ROOT", "")
 
 LOGGING = {
     "version": 1,

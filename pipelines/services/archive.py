@@ -188,3 +188,9 @@ def mark_archived(package: RawDataPackage, *, actor: str, where: str) -> None:
         )
     except (ForbiddenTransition, TransitionConflict) as exc:  # pragma: no cover - locked above
         log.warning("package %s not marked archived: %s", package.pk, exc)
+        return
+    # Trigger manager (issue 11): evaluate the pipelines at once when this commits, not at the
+    # next tick (coalesced with other archivings; the periodic tick is the safety net).
+    from .triggers import queue_trigger_evaluation
+
+    queue_trigger_evaluation()
