@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -209,6 +210,14 @@ OBS_UNITS: dict[str, dict[str, Any]] = {
         "line": "continuum", "configs": _PRIMECAM, "priority": 8, "requested_time_s": 7200,
     },
 }  # fmt: skip
+
+# Deletion (issue 10): the observatory keeps nothing once a package is archived, so a demo run
+# frees its SOURCE and BUFFER; every other location keeps the model's default of a week.
+DEMO_RETENTION: dict[tuple[str, str], timedelta] = {
+    ("ccat", "chai_raw_data"): timedelta(0),
+    ("ccat", "primecam_raw_data"): timedelta(0),
+    ("ccat", "buffer"): timedelta(0),
+}
 
 # short name -> (name, geographic location, {location name: (type, priority)})
 SITES: dict[str, tuple[str, str, dict[str, tuple[str, int]]]] = {
@@ -472,6 +481,9 @@ def _load_sites(tally: Tally) -> None:
                     "host": "",
                     "root_path": str(root),
                     "checksum_algorithm": settings.DEFAULT_CHECKSUM_ALGORITHM,
+                    "retention_period": DEMO_RETENTION.get(
+                        (short, location_name), timedelta(days=7)
+                    ),
                 },
             )
     for name, (origin, destination, primary) in ROUTES.items():
