@@ -1,0 +1,5 @@
+import sys
+
+from pipelines.demo.reduction.program import main
+
+sys.exit(main())
