@@ -72,6 +72,64 @@ class DataLocationAdmin(OpsModelAdmin):
     )
     # Measured by the disk monitor, not typed in.
     system_fields = ("used_bytes", "free_bytes", "usage_measured_at")
+    # Storage audit and disk monitor (issue 10): both through their services.
+    actions = ("audit_storage_now", "measure_usage_now")
+
+    @admin.action(description="Audit storage now (dark files, lost copies)", permissions=["change"])
+    def audit_storage_now(self, request: HttpRequest, queryset: QuerySet[DataLocation]) -> None:
+        """Audit each selected location (``location_audit_request``): small ones at once, with
+        the findings in the message, large ones on their workers' integrity_check queue."""
+        from pipelines.exceptions import OperationError
+        from pipelines.services.audit import location_audit_request
+
+        from .actions import NAMED_LIMIT
+        from .base import admin_actor
+
+        for location in queryset.select_related("site")[:NAMED_LIMIT]:
+            try:
+                report = location_audit_request(location, actor=admin_actor(request))
+            except (OperationError, ValueError) as exc:
+                self.message_user(request, f"{location}: not audited: {exc}", messages.ERROR)
+                continue
+            if report is None:
+                self.message_user(
+                    request,
+                    f"{location}: large location, audit queued for its workers; findings "
+                    "appear under Dark files and as MISSING copies.",
+                    messages.INFO,
+                )
+            else:
+                level = messages.WARNING if report.lost_marked or report.dark else messages.SUCCESS
+                self.message_user(request, report.summary(), level)
+        if queryset.count() > NAMED_LIMIT:
+            self.message_user(
+                request,
+                f"Only the first {NAMED_LIMIT} locations were audited; run it again for the rest.",
+                messages.WARNING,
+            )
+
+    @admin.action(description="Measure usage now (disk monitor)", permissions=["change"])
+    def measure_usage_now(self, request: HttpRequest, queryset: QuerySet[DataLocation]) -> None:
+        """Measure each selected location at once (``location_measure_usage``), applying the
+        high-water and cleanup marks as the disk monitor does."""
+        from pipelines.exceptions import OperationError
+        from pipelines.services.disk import location_measure_usage
+
+        from .actions import NAMED_LIMIT
+
+        for location in queryset.select_related("site")[:NAMED_LIMIT]:
+            try:
+                location_measure_usage(location)
+            except (OperationError, OSError) as exc:
+                self.message_user(request, f"{location}: not measured: {exc}", messages.ERROR)
+                continue
+            writes = "accepting writes" if location.accepting_writes else "NOT accepting writes"
+            free = "unknown" if location.free_bytes is None else f"{location.free_bytes} B"
+            self.message_user(
+                request,
+                f"{location}: {location.used_bytes} B used, {free} free; {writes}.",
+                messages.SUCCESS if location.accepting_writes else messages.WARNING,
+            )
 
 
 class DeletionTaskOfCopyInline(ReadOnlyTabularInline):

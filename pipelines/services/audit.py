@@ -436,3 +436,35 @@ class _Peekable:
             taken.append(self._head)
             self._head = next(self._items, self._END)
         return taken
+
+
+# Locations with at most this many live copies and recorded dark files are audited at once when
+# an operator asks from the admin; larger ones go to a worker (a web request must stay short).
+AUDIT_INLINE_MAX_COPIES = 5000
+
+
+def location_audit_request(
+    location: DataLocation, *, actor: str, inline_max: int = AUDIT_INLINE_MAX_COPIES
+) -> AuditReport | None:
+    """An operator's "audit now": audit ``location`` in this process and return the report when
+    the database knows of at most ``inline_max`` files there (live copies plus recorded dark
+    files), else send ``pipelines.tasks.audit_storage_location`` to the location's
+    integrity_check queue (after the current transaction commits, on the workers that reach its
+    storage) and return None. Raises what ``audit_storage`` raises for an inline audit."""
+    from django.db import transaction
+
+    from pipelines.queues import OperationType, queue_name
+    from pipelines.tasks import audit_storage_location
+
+    known = (
+        PhysicalCopy.objects.filter(location=location).exclude(status=_S.DELETED).count()
+        + DarkFile.objects.filter(location=location).count()
+    )
+    if known <= inline_max:
+        return audit_storage(location, actor=actor)
+    queue = queue_name(location, OperationType.INTEGRITY_CHECK)
+    transaction.on_commit(
+        lambda: audit_storage_location.apply_async(args=(location.pk,), queue=queue)
+    )
+    log.info("storage audit of %s queued on %s by %s", location, queue, actor)
+    return None
