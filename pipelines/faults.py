@@ -17,7 +17,17 @@ from pathlib import Path
 
 # Every pause point, so the tests and the code cannot drift apart on a name.
 POINTS = frozenset(
-    {"packaging.mid_tar", "transfer.after_copy", "unpack.mid_bundle", "deletion.mid_delete"}
+    {
+        "packaging.mid_tar",
+        "transfer.after_copy",
+        "unpack.mid_bundle",
+        "deletion.mid_delete",
+        # Workflow runs (issue 11): a claimed run about to be submitted; the backend has
+        # accepted the job but hpc_job_id is not committed; outputs hashed, not yet registered.
+        "workflow.before_submit",
+        "workflow.after_submit",
+        "results.before_register",
+    }
 )
 
 

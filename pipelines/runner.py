@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import close_old_connections
+from django.db.models import Q
 
 from pipelines.managers import MANAGERS, manager_tick
-from pipelines.models import Status
+from pipelines.models import ACTIVE_RUN_STATUSES, ExecutedReductionStep, RunStatus, Status
 from pipelines.services.recovery import OPERATION_MODELS, recover_expired_leases
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,9 @@ LIVE = (Status.PENDING, Status.SCHEDULED, Status.IN_PROGRESS)
 
 
 def unfinished_operations() -> dict[str, int]:
-    """Rows of every operation table (and phase) that are pending, scheduled or in progress:
-    {"raw_data_package": 2, "data_transfer.unpack_status": 1, ...}, non-zero entries only."""
+    """Rows of every operation table (and phase) that are pending, scheduled or in progress,
+    and reduction runs that are active or await their retry: {"raw_data_package": 2,
+    "data_transfer.unpack_status": 1, "executed_reduction_step": 3, ...}, non-zero only."""
     left: dict[str, int] = {}
     for model in OPERATION_MODELS:
         for name, phase in model.PHASES.items():
@@ -42,6 +44,13 @@ def unfinished_operations() -> dict[str, int]:
             if count:
                 key = model._meta.db_table if name == "status" else f"{model._meta.db_table}.{name}"
                 left[key] = count
+    # Reduction runs (issue 11): a run whose job still runs is unfinished work, and so is a
+    # failed run awaiting its retry; the managers have nothing to tick while a job runs.
+    runs = ExecutedReductionStep.objects.filter(
+        Q(status__in=ACTIVE_RUN_STATUSES) | Q(status=RunStatus.FAILED, failed_for_good=False)
+    ).count()
+    if runs:
+        left[ExecutedReductionStep._meta.db_table] = runs
     return left
 
 
@@ -53,6 +62,9 @@ def failed_operations() -> dict[str, int]:
             if count:
                 key = model._meta.db_table if name == "status" else f"{model._meta.db_table}.{name}"
                 failed[key] = count
+    runs = ExecutedReductionStep.objects.filter(status=RunStatus.FAILED).count()
+    if runs:
+        failed[ExecutedReductionStep._meta.db_table] = runs
     return failed
 
 
