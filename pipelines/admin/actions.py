@@ -198,9 +198,11 @@ def recover_leases_now(
 def retry_failed_runs(
     modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[Any]
 ) -> None:
-    """Manual retry: failed runs go back to pending for the workflow manager, keeping how they
-    were triggered. A run whose sub-group already has another active run is refused by the
-    database and reported."""
+    """Manual retry through ``run_retry``: failed runs go back to pending for their next
+    attempt, keeping how they were triggered. A run whose sub-group another run occupies is
+    refused and reported."""
+    from pipelines.services.runs import run_retry
+
     move_rows(
         modeladmin,
         request,
@@ -209,6 +211,7 @@ def retry_failed_runs(
         from_states={RunStatus.FAILED},
         reason="manual retry",
         verb="Queued again:",
+        service=lambda row, *, actor, reason, field: run_retry(row, actor=actor, reason=reason),
     )
 
 
@@ -216,8 +219,10 @@ def retry_failed_runs(
 def cancel_runs(
     modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[Any]
 ) -> None:
-    """Cancel pending, submitted or running runs. Only the database state moves here; asking
-    the HPC backend to stop a submitted job belongs to the backends' ``cancel``."""
+    """Cancel pending, submitted or running runs through ``run_cancel``: the run is CANCELLED
+    and a job already submitted is cancelled at the HPC backend once, best effort."""
+    from pipelines.services.runs import run_cancel
+
     move_rows(
         modeladmin,
         request,
@@ -226,7 +231,7 @@ def cancel_runs(
         from_states=set(CANCELLABLE_RUN_STATUSES),
         reason="cancelled by operator",
         verb="Cancelled",
-        updates={"finished_at": timezone.now(), "lease_owner": "", "lease_expires_at": None},
+        service=lambda row, *, actor, reason, field: run_cancel(row, actor=actor, reason=reason),
     )
 
 
