@@ -183,6 +183,8 @@ def job_done_callback_env(run_id: int) -> dict[str, str]:
 # and Kubernetes arrive with the HPC issue.
 BACKENDS: dict[str, str] = {
     "local": "pipelines.backends.local.LocalBackend",
+    # HPC backends (issue 12, hpc backends)
+    "slurm": "pipelines.backends.slurm.SlurmBackend",
 }
 
 
