@@ -272,6 +272,11 @@ DEFAULT_CHECKSUM_ALGORITHM = env_choice(
 # Where each instrument's rendered reduction script is written (reduction app).
 REDUCTION_SCRIPT_DIR = env_path("REDUCTION_SCRIPT_DIR", VAR_DIR / "reduction_scripts")
 
+# --- Local backend (issue 11, backends) ----------------------------------------------------------
+# Job id -> run directory links of the local backend (pipelines/backends/local.py), so any worker
+# on this host reads a job's status from its files, also after a restart.
+LOCAL_BACKEND_DIR = env_path("LOCAL_BACKEND_DIR", VAR_DIR / "local_jobs")
+
 # --- Trigger manager (issue 11) -----------------------------------------------------------------
 # The PROCESSING location (DataLocation id) whose pipelines this instance's workflow managers
 # serve. Unset (0): the only PROCESSING location, or every one when there are several (the
