@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from django import forms
 from django.contrib import admin
+from django.core.exceptions import ValidationError
+from django.http import HttpRequest
+from django.utils.html import format_html, format_html_join
 
 from pipelines.models import (
     DataGrouping,
@@ -14,6 +20,7 @@ from pipelines.models import (
     ReductionStep,
     ReductionStepConfig,
 )
+from pipelines.services.pipelines import reduction_step_set_dependencies
 
 from .actions import (
     cancel_runs,
@@ -61,11 +68,41 @@ class ReductionStepConfigAdmin(OpsModelAdmin):
 
 @admin.register(DataGrouping)
 class DataGroupingAdmin(OpsModelAdmin):
+    """Groupings. ``DataGrouping.clean`` refuses invalid rules naming the rule; the change page
+    previews what the rules select (grouping topic: pipelines/grouping.py)."""
+
     list_display = ("name", "instrument_module", "updated_at")
     list_filter = ("instrument_module__instrument",)
     search_fields = ("name", "description")
     list_select_related = ("instrument_module__instrument",)
     ordering = ("name",)
+    readonly_fields = ("preview",)
+
+    @admin.display(description="preview")
+    def preview(self, grouping: DataGrouping) -> str:
+        """How many packages the saved rules select, and into how many sub-groups each step
+        using this grouping splits them (one aggregate query per step, no rows loaded)."""
+        from pipelines.grouping import preview
+
+        if grouping.pk is None:
+            return "Save the grouping to preview what it selects."
+        try:
+            total = sum(entry["count"] for entry in preview(grouping, []))
+            steps = ReductionStep.objects.filter(pipeline__data_grouping=grouping).select_related(
+                "pipeline"
+            )[:20]
+            lines = [
+                (
+                    str(step),
+                    ", ".join(step.group_by) or "all together",
+                    len(preview(grouping, step.group_by)),
+                )
+                for step in steps
+            ]
+        except ValidationError as exc:
+            return "; ".join(exc.messages)
+        rows = format_html_join("", "<li>{} by {}: {} sub-group(s)</li>", lines)
+        return format_html("{} matching package(s)<ul>{}</ul>", total, rows)
 
 
 class StepInline(OpsTabularInline):
@@ -104,6 +141,45 @@ class RunOfStepInline(ReadOnlyTabularInline):
     verbose_name_plural = "runs (newest first, first 50)"
 
 
+class ReductionStepForm(forms.ModelForm):
+    """Step form: the upstream steps it is about to save are handed to ``ReductionStep.clean``
+    (``pending_depends_on``), which refuses cycles and links across pipelines naming the steps;
+    the admin then saves them through ``reduction_step_set_dependencies`` (grouping topic)."""
+
+    class Meta:
+        model = ReductionStep
+        fields = (
+            "pipeline",
+            "name",
+            "step_order",
+            "depends_on",
+            "group_by",
+            "cooldown_seconds",
+            "resource_requirements",
+            "max_retries",
+            "software",
+            "software_version",
+            "version_policy",
+            "config",
+            "reduction_instrument",
+        )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        field = self.fields.get("depends_on")
+        if field is not None and self.instance.pk:
+            # Offer only steps this one may depend on: the other steps of its pipeline.
+            field.queryset = field.queryset.filter(  # type: ignore[attr-defined]
+                pipeline_id=self.instance.pipeline_id
+            ).exclude(pk=self.instance.pk)
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or self.cleaned_data
+        if "depends_on" in cleaned:
+            self.instance.pending_depends_on = list(cleaned["depends_on"])
+        return cleaned
+
+
 @admin.register(ReductionStep)
 class ReductionStepAdmin(OpsModelAdmin):
     list_display = (
@@ -122,6 +198,14 @@ class ReductionStepAdmin(OpsModelAdmin):
     ordering = ("pipeline__name", "step_order")
     filter_horizontal = ("depends_on",)
     inlines = (RunOfStepInline,)
+    form = ReductionStepForm
+
+    def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
+        # The links go through the service (pipeline lock + the same checks), not save_m2m.
+        upstream = form.cleaned_data.pop("depends_on", None)
+        super().save_related(request, form, formsets, change)
+        if upstream is not None:
+            reduction_step_set_dependencies(form.instance, list(upstream))
 
 
 class ProductOfRunInline(ReadOnlyTabularInline):

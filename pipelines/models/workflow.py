@@ -277,7 +277,7 @@ def validate_trigger_config(trigger_type: str, config: object) -> dict:
             raise ValidationError({"trigger_config": exc.messages}) from None
     if config:
         label = TriggerType(trigger_type).label if trigger_type in TriggerType.values else "This"
-        what = "a cron expression" if "cron" in config else "trigger configuration"
+        what = "cron expression" if "cron" in config else "trigger configuration"
         raise ValidationError(
             {
                 "trigger_config": f"a {label.upper()} pipeline takes no {what}: leave it {{}} "
@@ -373,14 +373,18 @@ class ReductionStep(TimeStamped):
             self.resource_requirements = validate_resource_requirements(self.resource_requirements)
         except ValidationError as exc:
             errors["resource_requirements"] = exc.messages
-        # depends_on is saved after the row (a many-to-many), so a form passes the new upstream
-        # steps to reduction_step_check_dependencies itself; here the saved links are checked
-        # against this row's (possibly changed) pipeline.
-        if self.pk and self.pipeline_id:
+        # depends_on is saved after the row (a many-to-many), so a form that edits it sets
+        # ``pending_depends_on`` to the upstream steps it is about to save (the admin does);
+        # otherwise the saved links are checked against this row's (possibly changed) pipeline.
+        # Writers of links go through services.pipelines.reduction_step_set_dependencies.
+        upstream = getattr(self, "pending_depends_on", None)
+        if upstream is None and self.pk:
+            upstream = list(self.depends_on.all())
+        if self.pipeline_id and (upstream or self.pk):
             try:
-                reduction_step_check_dependencies(self, list(self.depends_on.all()))
+                reduction_step_check_dependencies(self, upstream or [])
             except ValidationError as exc:
-                errors.setdefault("pipeline", []).extend(exc.messages)
+                errors.setdefault("depends_on", []).extend(exc.messages)
         if errors:
             raise ValidationError(errors)
 
