@@ -784,7 +784,11 @@ def _tick(*, owner: str, now: datetime | None, allow_full: bool) -> dict[str, in
             created += _evaluate(
                 pipeline, now=now, full=False, roots=roots, affected=affected, actor=actor
             )
-        _advance(pipeline, now=now, full=False)
+    # One UPDATE for all of them (never backwards: another manager may be ahead).
+    mark = now - WATERMARK_LAG
+    Pipeline.objects.filter(pk__in=[p.pk for p in incremental]).filter(
+        Q(trigger_watermark__isnull=True) | Q(trigger_watermark__lt=mark)
+    ).update(trigger_watermark=mark)
     return {"created": len(created), "full": full_count}
 
 
