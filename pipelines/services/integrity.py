@@ -87,6 +87,11 @@ _OBJECT_FIELD: dict[str, str] = {
 }
 
 
+# What a verification reads besides the copy: load copies with these (``select_related``)
+# before handing them to ``copy_verify``.
+VERIFY_RELATED = ("location__site", *_OBJECT_FIELD.values())
+
+
 class NoGoodSource(NonRetryableError):
     """No VERIFIED live copy of the object exists to repair from; an operator must step in."""
 
@@ -137,11 +142,19 @@ def copy_verify_detail(copy: PhysicalCopy, *, actor: str) -> Verification:
     - different: ``copy_mark_damaged(..., MISMATCH)``; not on storage (checked twice, and only
       while the location itself answers): ``copy_mark_damaged(..., MISSING)``.
 
+    ``copy`` as the caller loaded it is the baseline, and it is not read again: its status
+    decides whether the bytes are read, and the result is recorded only while the row still has
+    the integrity and verification time the instance had (conditional UPDATE, or
+    ``copy_mark_damaged``'s re-check under the lock). A stale instance therefore never records
+    over a newer result; it is skipped. Callers load the copy with its location and object
+    (``select_related``) just before: a verification pass then costs one UPDATE per copy beside
+    the read, which matters for small files with a fast checksum. The instance is updated with
+    what was recorded.
+
     Skipped, with nothing changed: a copy not in a ``VERIFIABLE`` status, an object with no
     registered checksum, a location that cannot be reached or read (``retry_later``), and a
-    result that is stale because the copy's integrity or verification time changed while its
-    bytes were read (a repair or another verification recorded a newer result first)."""
-    copy.refresh_from_db()
+    result that is stale because the copy's integrity or verification time changed since the
+    instance was loaded (a repair or another verification recorded a newer result first)."""
     if copy.status not in VERIFIABLE:
         return Verification(SKIPPED, f"copy is {copy.status}; not read back")
     expected, algorithm = expected_checksum(copy)
@@ -195,6 +208,7 @@ def _record_good(
         ).update(**fresh, updated_at=now)
         if not moved:
             return Verification(SKIPPED, "a newer result was recorded while reading")
+        copy.verified_checksum, copy.checksum_verified_at = digest, now
         return Verification(VERIFIED, f"checksum verified ({size} bytes)")
     try:
         transition(
@@ -398,7 +412,7 @@ def copy_verification_run(copy_id: int, *, claimed_until: str, actor: str) -> Ve
     claim is released (conditional on it still being this claim). A copy whose storage could
     not be read keeps its claim until it expires, which spaces out the next attempt by a lease
     period instead of retrying every tick. A copy that no longer exists is skipped."""
-    copy = PhysicalCopy.objects.select_related("location__site").filter(pk=copy_id).first()
+    copy = PhysicalCopy.objects.select_related(*VERIFY_RELATED).filter(pk=copy_id).first()
     if copy is None:
         return Verification(SKIPPED, f"copy {copy_id} does not exist")
     result = copy_verify_detail(copy, actor=actor)

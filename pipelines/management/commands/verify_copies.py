@@ -21,6 +21,7 @@ from pipelines.services.integrity import (
     OUTCOMES,
     SKIPPED,
     VERIFIABLE,
+    VERIFY_RELATED,
     copy_verify_detail,
 )
 
@@ -122,7 +123,7 @@ def _walk(copies: QuerySet[PhysicalCopy], limit: int) -> Iterator[PhysicalCopy]:
     while given < limit:
         batch = list(
             copies.filter(pk__gt=last)
-            .select_related("location__site")
+            .select_related(*VERIFY_RELATED)
             .order_by("pk")[: min(BATCH, limit - given)]
         )
         if not batch:
