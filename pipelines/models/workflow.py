@@ -365,6 +365,12 @@ class ReductionStep(TimeStamped):
             errors["reduction_instrument"] = [
                 f"unknown instrument {self.reduction_instrument!r}; known: {known}"
             ]
+        version = self.software_version if self.software_version_id else None
+        if version is not None and self.software_id:
+            if version.software_id != self.software_id:
+                errors["software_version"] = [f"{version} is not a version of {self.software}"]
+        elif self.version_policy == VersionPolicy.PINNED and not self.software_version_id:
+            errors["software_version"] = ["a PINNED step needs the version it is pinned to"]
         try:
             self.group_by = validate_group_by(self.group_by)
         except ValidationError as exc:

@@ -277,6 +277,18 @@ def test_behaviour_20_a_json_path_rule_compares_numbers_inside_metadata(world: W
     assert names([above | {"operator": "eq", "value": "460"}]) == {"text"}
 
 
+def test_behaviour_20_json_text_values_compare_as_text(world: World) -> None:
+    world.package(name="b7", metadata={"obs": {"band": "B7"}})
+    world.package(name="b8", metadata={"obs": {"band": "B8"}})
+    world.package(name="seven", metadata={"obs": {"band": 7}})
+    band = rule("RawDataPackage", "metadata", "in", ["B7", "B9"], json_path="obs.band")
+
+    assert names([band]) == {"b7"}
+    assert names([band | {"operator": "not_in"}]) == {"b8"}
+    assert names([band | {"operator": "eq", "value": "B8"}]) == {"b8"}
+    assert names([band | {"operator": "neq", "value": "B8"}]) == {"b7"}
+
+
 def test_behaviour_20_json_booleans_and_nested_paths(world: World) -> None:
     world.package(name="yes", metadata={"qa": {"ok": True}})
     world.package(name="no", metadata={"qa": {"ok": False}})

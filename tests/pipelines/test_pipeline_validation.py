@@ -30,6 +30,7 @@ from tests.factories import (
     DataLocationFactory,
     PipelineFactory,
     ReductionSoftwareFactory,
+    ReductionSoftwareVersionFactory,
     ReductionStepFactory,
     UserFactory,
 )
@@ -157,6 +158,22 @@ def test_a_step_with_invalid_settings_is_refused_by_full_clean(
 
     assert field in raised.value.message_dict
     assert message in messages_of(raised.value)
+
+
+def test_a_steps_version_must_be_of_its_software_and_a_pinned_step_needs_one() -> None:
+    step = ReductionStepFactory.build(
+        pipeline=PipelineFactory(), software=ReductionSoftwareFactory()
+    )
+    step.software_version = ReductionSoftwareVersionFactory()  # of another software
+
+    with pytest.raises(ValidationError, match="is not a version of"):
+        step.full_clean()
+    step.software_version = None
+    step.version_policy = "pinned"
+    with pytest.raises(ValidationError, match="a PINNED step needs the version it is pinned to"):
+        step.full_clean()
+    step.software_version = ReductionSoftwareVersionFactory(software=step.software)
+    step.full_clean()
 
 
 def test_resources_within_range_are_accepted() -> None:
