@@ -92,7 +92,7 @@ def result_manager_tick(*, owner: str, batch_size: int = 500) -> dict[str, int]:
     from pipelines.backends.base import get_backend
 
     backend = get_backend()
-    counts = {"running": 0, "collecting": 0, "failed": 0}
+    counts = {"running": 0, "collecting_results": 0, "failed": 0}
     polled = 0
     last_pk = 0
     while True:
