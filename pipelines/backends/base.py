@@ -185,6 +185,7 @@ BACKENDS: dict[str, str] = {
     "local": "pipelines.backends.local.LocalBackend",
     # HPC backends (issue 12, hpc backends)
     "slurm": "pipelines.backends.slurm.SlurmBackend",
+    "kubernetes": "pipelines.backends.kubernetes.KubernetesBackend",
 }
 
 
