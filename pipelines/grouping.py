@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.core.exceptions import FieldDoesNotExist, ValidationError
-from django.db import models
+from django.db import NotSupportedError, models
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Count, F, Func, Lookup, Q, QuerySet
 from django.db.models.fields.json import (  # type: ignore[attr-defined]
@@ -136,7 +136,9 @@ class CaseSensitiveLike(Lookup):
     ) -> tuple[str, tuple[Any, ...]]:
         lhs, lhs_params = self.process_lhs(compiler, connection)
         rhs, rhs_params = self.process_rhs(compiler, connection)
-        return f"{lhs} LIKE {rhs} ESCAPE '\\'", (*lhs_params, *rhs_params)
+        # The escape character goes as a parameter: a literal '\' would depend on the server's
+        # standard_conforming_strings setting.
+        return f"{lhs} LIKE {rhs} ESCAPE %s", (*lhs_params, *rhs_params, "\\")
 
     def as_sqlite(
         self, compiler: SQLCompiler, connection: BaseDatabaseWrapper
@@ -182,7 +184,15 @@ class JSONTypeOf(Func):
     def as_sql(  # type: ignore[override]
         self, compiler: SQLCompiler, connection: BaseDatabaseWrapper, **extra: Any
     ) -> tuple[str, tuple[Any, ...]]:
-        # PostgreSQL (jsonb): the key transform compiles to a jsonb expression.
+        raise NotSupportedError(
+            "the filter engine's json_path rules run on PostgreSQL and SQLite, not "
+            f"{connection.vendor}"
+        )
+
+    def as_postgresql(
+        self, compiler: SQLCompiler, connection: BaseDatabaseWrapper, **extra: Any
+    ) -> tuple[str, tuple[Any, ...]]:
+        # jsonb: the key transform compiles to a jsonb expression (SQL NULL when missing).
         sql, params = compiler.compile(self.get_source_expressions()[0])
         return f"jsonb_typeof({sql})", tuple(params)
 
@@ -283,6 +293,8 @@ def _check_scalar(kind: str, value: object, field: models.Field | None) -> objec
     if kind == "text":
         if not isinstance(value, str):
             raise ValueError(f"{value!r} is not text")
+        if "\x00" in value:
+            raise ValueError(f"{value!r} contains a NUL character, which no database stores")
         choices = [str(c[0]) for c in field.flatchoices] if field and field.choices else []
         if choices and value not in choices:
             raise ValueError(f"{value!r} is not one of: {', '.join(choices)}")
@@ -290,10 +302,14 @@ def _check_scalar(kind: str, value: object, field: models.Field | None) -> objec
     if kind == "integer":
         if not (isinstance(value, int) and not isinstance(value, bool)):
             raise ValueError(f"{value!r} is not an integer")
+        if not -(2**63) <= value < 2**63:
+            raise ValueError(f"{value} is outside the 64-bit range of database integers")
         return value
     if kind == "number":
         if not _is_number(value):
             raise ValueError(f"{value!r} is not a number")
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise ValueError(f"{value} is outside the 64-bit range of database integers")
         return value
     if kind == "boolean":
         if not isinstance(value, bool):

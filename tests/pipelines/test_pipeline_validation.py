@@ -340,6 +340,26 @@ def test_valid_triggers_are_accepted_and_normalised() -> None:
             [{"table": "Source", "column": "name", "operator": "eq", "value": None}],
             "null is not a value",
         ),
+        (
+            [{"table": "RawDataPackage", "column": "size", "operator": "gt", "value": 2**64}],
+            "outside the 64-bit range",
+        ),
+        (
+            [
+                {
+                    "table": "RawDataPackage",
+                    "column": "metadata",
+                    "operator": "lt",
+                    "value": -(2**70),
+                    "json_path": "x",
+                }
+            ],
+            "outside the 64-bit range",
+        ),
+        (
+            [{"table": "Source", "column": "name", "operator": "eq", "value": "a\x00b"}],
+            "contains a NUL character",
+        ),
     ],
 )
 def test_a_grouping_with_an_invalid_rule_is_refused_naming_the_rule(
