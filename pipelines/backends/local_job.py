@@ -4,57 +4,90 @@
         -- ARGV...
 
 Started by ``LocalBackend.submit`` in a session of its own, so the job outlives the worker that
-submitted it. Standard library only and run with ``-S``: no Django, no site-packages at start
-(the start-up cost is paid by every step of a pipeline). Contract with ``local.py``, all under
-``RUN_DIR/logs``:
+submitted it. Every step of a pipeline pays for this wrapper's start, so it runs with ``-S`` (no
+site-packages) and imports only ``os``, ``sys``, ``signal``, ``time`` and ``resource``: no
+Django, no ``json``/``subprocess``/``pathlib`` (the command is started with ``posix_spawn``
+and reaped with ``wait4``, which also gives its resource usage). Contract with ``local.py``,
+all under ``RUN_DIR/logs``:
 
 - ``job.json``: written once the command is spawned: wrapper pid and process group, the
   command's pid and process group, start time, host.
 - ``stdout.log`` / ``stderr.log``: the command's output.
 - ``exit_code``: JSON written atomically (rename) when the command has ended: ``exit_code``
   (128 + N for a signal N), ``signal``, ``reason`` (empty on success), start and end time,
-  ``wall_seconds`` (spawn to exit), ``cpu_seconds`` and ``peak_memory_bytes`` from
-  ``getrusage(RUSAGE_CHILDREN)``.
+  ``wall_seconds`` (spawn to exit), ``cpu_seconds`` and ``peak_memory_bytes`` of the command
+  and the children it waited for (``wait4``).
 - The lock on ``.alive.lock`` (fd ``--lock-fd``, inherited from the submitter and passed on to
-  the command) is held for as long as any process of the job lives; the backend probes it to
-  tell a running job from a lost one without trusting pids.
+  the command) is held until the exit code is written and, by the command's own children,
+  for as long as any of them lives; the backend probes it to tell a running job from a lost
+  one without trusting pids.
 
 SIGTERM (the backend's cancel), SIGINT and SIGHUP, and the time limit, stop the command: SIGTERM
 to its process group, SIGKILL after ``--grace`` seconds. The command runs in its own process
 group so that the wrapper survives to write the exit code.
 
 Afterwards, when ``WORKFLOW_JOB_DONE_CALLBACK`` is set (``base.job_done_callback_env``), the
-completion is pushed to the managers as a Celery task, best effort: a broker that is down costs
-the job nothing, the result-manager's poll finds the exit code anyway.
+completion is pushed to the managers as a Celery task (message protocol 2, published with
+kombu: a tenth of the start-up of Celery itself), best effort: a broker that is down costs the
+job nothing, the result-manager's poll finds the exit code anyway.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import resource
 import signal
-import socket
-import subprocess
 import sys
 import time
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
 
 CALLBACK_ENV = "WORKFLOW_JOB_DONE_CALLBACK"  # same name as base.JOB_DONE_CALLBACK_ENV
 PUSH_TIMEOUT_SECONDS = 20
 
+# JSON string escapes: the files this wrapper writes hold only flat objects of strings, numbers
+# and null, and importing ``json`` would cost more than the rest of the wrapper's start.
+_ESCAPES = {ord('"'): '\\"', ord("\\"): "\\\\"} | {c: f"\\u{c:04x}" for c in range(0x20)}
 
-def write_json_atomic(path: Path, value: dict[str, Any]) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(json.dumps(value, sort_keys=True), encoding="utf-8")
+
+def to_json(value: object) -> str:
+    """JSON for a flat dict of str, int, float, bool and None values (and lists of str)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if value == value and abs(value) != float("inf") else "null"
+    if isinstance(value, str):
+        return '"' + value.translate(_ESCAPES) + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(to_json(item) for item in value) + "]"
+    if isinstance(value, dict):
+        items = (f"{to_json(str(k))}: {to_json(v)}" for k, v in sorted(value.items()))
+        return "{" + ", ".join(items) + "}"
+    return to_json(str(value))
+
+
+def write_json_atomic(path: str | os.PathLike[str], value: dict[str, object]) -> None:
+    """Write ``value`` as JSON to ``path`` through a temporary file and a rename, so a reader
+    sees the whole file or none."""
+    path = os.fspath(path)
+    directory, name = os.path.split(path)
+    partial = os.path.join(directory, f".{name}.{os.getpid()}.partial")
+    with open(partial, "w", encoding="utf-8") as handle:
+        handle.write(to_json(value))
     os.replace(partial, path)
 
 
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat()
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}+00:00"
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 class Job:
@@ -69,12 +102,12 @@ class Job:
 
     def on_stop_signal(self, signum: int, _frame: object) -> None:
         if not self.stop_reason:
-            self.stop_reason = f"stopped by {signal.Signals(signum).name}"
+            self.stop_reason = f"stopped by {signal_name(signum)}"
         self.terminate()
 
     def on_alarm(self, _signum: int, _frame: object) -> None:
         if self.killing:
-            self._signal_child(signal.SIGKILL)
+            self.signal_child(signal.SIGKILL)
             return
         if not self.stop_reason:
             hours = (self.time_limit or 0) / 3600
@@ -87,62 +120,96 @@ class Job:
         if self.killing or self.child_pgid is None:
             return
         self.killing = True
-        self._signal_child(signal.SIGTERM)
+        self.signal_child(signal.SIGTERM)
         signal.setitimer(signal.ITIMER_REAL, max(self.grace, 0.01))
 
-    def _signal_child(self, signum: int) -> None:
+    def signal_child(self, signum: int) -> None:
         if self.child_pgid is None:
             return
-        with contextlib.suppress(ProcessLookupError):
+        try:
             os.killpg(self.child_pgid, signum)
+        except ProcessLookupError:  # the group is already gone
+            return
 
 
-def push_completion(callback_json: str, log: Any) -> None:
-    """Send the completion task described by ``callback_json``; never raises."""
+def push_completion(callback_json: str) -> str:
+    """Publish the completion task described by ``callback_json`` (a Celery protocol 2 message
+    on the named queue); returns what happened, in words, and never raises."""
 
     def give_up(_signum: int, _frame: object) -> None:
         raise TimeoutError(f"no broker answer within {PUSH_TIMEOUT_SECONDS} s")
 
     try:
+        import json
+        import uuid
+
         callback = json.loads(callback_json)
+        task, args, queue = callback["task"], list(callback.get("args", [])), callback["queue"]
         # Site-packages were left out at start (-S); the push is the one place that needs them.
         import site
 
         site.main()
         signal.signal(signal.SIGALRM, give_up)
         signal.alarm(PUSH_TIMEOUT_SECONDS)
-        from celery import Celery
+        from kombu import Connection
 
-        app = Celery("workflow_job_wrapper", broker=callback["broker_url"], set_as_current=False)
-        app.conf.broker_transport_options = callback.get("transport_options") or {}
-        app.conf.broker_connection_retry_on_startup = False
-        app.conf.broker_connection_timeout = 5
-        options: dict[str, Any] = {}
-        if callback.get("queue"):
-            options["queue"] = callback["queue"]
-        app.send_task(
-            callback["task"],
-            args=callback.get("args", []),
-            retry=True,
-            retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
-            **options,
-        )
+        task_id = str(uuid.uuid4())
+        headers = {
+            "lang": "py",
+            "task": task,
+            "id": task_id,
+            "root_id": task_id,
+            "parent_id": None,
+            "group": None,
+            "retries": 0,
+            "eta": None,
+            "expires": None,
+            "timelimit": [None, None],
+            "argsrepr": repr(tuple(args)),
+            "kwargsrepr": "{}",
+            "origin": f"local_job@{os.uname().nodename}",
+        }
+        embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+        with Connection(
+            callback["broker_url"],
+            transport_options=callback.get("transport_options") or {},
+            connect_timeout=5,
+        ) as connection:
+            producer = connection.Producer(serializer="json")
+            producer.publish(
+                [args, {}, embed],
+                exchange="",
+                routing_key=queue,
+                headers=headers,
+                correlation_id=task_id,
+                delivery_mode=2,
+                retry=True,
+                retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+            )
         signal.alarm(0)
-        print(f"{now_iso()} completion pushed: {callback['task']}{callback.get('args')}", file=log)
+        return f"completion pushed: {task}{args} to {queue} as {task_id}"
     except Exception as error:  # best effort: the result-manager's poll is the safety net
         signal.alarm(0)
-        print(f"{now_iso()} completion push failed ({error!r}); the poll finds it", file=log)
+        return f"completion push failed ({error!r}); the poll finds it"
+
+
+def _exit_reason(spawn_error: str, stop_reason: str, signum: int | None, code: int) -> str:
+    if spawn_error:
+        return spawn_error
+    if stop_reason:
+        return stop_reason
+    if signum is not None:
+        return f"killed by {signal_name(signum)}"
+    return f"exit code {code}" if code else ""
 
 
 def main(argv: list[str]) -> int:
-    if "--" not in argv:
-        print(
-            "usage: local_job.py RUN_DIR --lock-fd N [--time-limit S] -- ARGV...", file=sys.stderr
-        )
+    if "--" not in argv or argv.index("--") < 1:
+        print("usage: local_job.py RUN_DIR --lock-fd N [--time-limit S] -- ARGV", file=sys.stderr)
         return 2
     split = argv.index("--")
     options, command = argv[:split], argv[split + 1 :]
-    run_dir = Path(options[0])
+    run_dir = options[0]
     settings = dict(zip(options[1::2], options[2::2], strict=False))
     lock_fd = int(settings["--lock-fd"])
     time_limit = float(settings["--time-limit"]) if "--time-limit" in settings else None
@@ -151,81 +218,71 @@ def main(argv: list[str]) -> int:
         signal.signal(stop_signal, job.on_stop_signal)
     signal.signal(signal.SIGALRM, job.on_alarm)
 
-    logs = run_dir / "logs"
+    logs = os.path.join(run_dir, "logs")
     env = dict(os.environ)
     callback = env.pop(CALLBACK_ENV, "")
-    cwd = run_dir / "workspace" if (run_dir / "workspace").is_dir() else run_dir
+    workspace = os.path.join(run_dir, "workspace")
+    os.chdir(workspace if os.path.isdir(workspace) else run_dir)
+    out_flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    file_actions = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, os.path.join(logs, "stdout.log"), out_flags, 0o644),
+        (os.POSIX_SPAWN_OPEN, 2, os.path.join(logs, "stderr.log"), out_flags, 0o644),
+    ]
     started_at = now_iso()
     start = time.monotonic()
     spawn_error = ""
-    with open(logs / "stdout.log", "wb") as out, open(logs / "stderr.log", "wb") as err:
-        try:
-            # Signals that arrive while spawning are handled once the group is known.
-            proc = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                cwd=cwd,
-                env=env,
-                process_group=0,
-                pass_fds=(lock_fd,),
-            )
-        except OSError as error:
-            spawn_error = f"cannot start {command[0]!r}: {error.strerror or error}"
-            err.write(f"{spawn_error}\n".encode())
-            proc = None
-        if proc is not None:
-            job.child_pgid = proc.pid
-            write_json_atomic(
-                logs / "job.json",
-                {
-                    "pid": os.getpid(),
-                    "pgid": os.getpgrp(),
-                    "child_pid": proc.pid,
-                    "child_pgid": proc.pid,
-                    "started_at": started_at,
-                    "host": socket.gethostname(),
-                },
-            )
-            if job.stop_reason:  # a cancel that came before the group was known
-                job.terminate()
-            elif time_limit is not None:
-                signal.setitimer(signal.ITIMER_REAL, max(time_limit, 0.01))
-            returncode = proc.wait()
-        else:
-            returncode = 127
+    status, rusage = 0, None
+    try:
+        # The lock fd is inheritable (the submitter passed it), so the command holds it too.
+        pid = os.posix_spawnp(command[0], command, env, file_actions=file_actions, setpgroup=0)
+    except OSError as error:
+        spawn_error = f"cannot start {command[0]!r}: {error.strerror or error}"
+        with open(os.path.join(logs, "stderr.log"), "a", encoding="utf-8") as err:
+            err.write(spawn_error + "\n")
+        pid = 0
+    if pid:
+        job.child_pgid = pid
+        write_json_atomic(
+            os.path.join(logs, "job.json"),
+            {
+                "pid": os.getpid(),
+                "pgid": os.getpgrp(),
+                "child_pid": pid,
+                "child_pgid": pid,
+                "started_at": started_at,
+                "host": os.uname().nodename,
+            },
+        )
+        if job.stop_reason:  # a cancel that came before the group was known
+            job.terminate()
+        elif time_limit is not None:
+            signal.setitimer(signal.ITIMER_REAL, max(time_limit, 0.01))
+        _pid, status, rusage = os.wait4(pid, 0)
     wall = time.monotonic() - start
     signal.setitimer(signal.ITIMER_REAL, 0)
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    returncode = os.waitstatus_to_exitcode(status) if pid else 127
     signum = -returncode if returncode < 0 else None
     exit_code = 128 + signum if signum is not None else returncode
-    if spawn_error:
-        reason = spawn_error
-    elif job.stop_reason:
-        reason = job.stop_reason
-    elif signum is not None:
-        reason = f"killed by {signal.Signals(signum).name}"
-    elif exit_code != 0:
-        reason = f"exit code {exit_code}"
-    else:
-        reason = ""
     write_json_atomic(
-        logs / "exit_code",
+        os.path.join(logs, "exit_code"),
         {
             "exit_code": exit_code,
             "signal": signum,
-            "reason": reason,
+            "reason": _exit_reason(spawn_error, job.stop_reason, signum, exit_code),
             "started_at": started_at,
             "finished_at": now_iso(),
             "wall_seconds": round(wall, 6),
-            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 6),
+            "cpu_seconds": round(rusage.ru_utime + rusage.ru_stime, 6) if rusage else 0.0,
             # ru_maxrss is in KiB on Linux.
-            "peak_memory_bytes": usage.ru_maxrss * 1024,
+            "peak_memory_bytes": rusage.ru_maxrss * 1024 if rusage else 0,
         },
     )
+    # The exit code tells the rest; holding the lock through the push would only delay a
+    # cancel's return.
+    os.close(lock_fd)
     if callback:
-        push_completion(callback, sys.stdout)
+        print(f"{now_iso()} {push_completion(callback)}", flush=True)
     return 0
 
 
