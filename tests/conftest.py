@@ -37,6 +37,8 @@ def _isolated_var_dir(settings, tmp_path):  # type: ignore[no-untyped-def]
     """Keep files a test writes (demo data, scripts) out of the developer's var/."""
     settings.FACILITY_DATA_ROOT = tmp_path / "data"
     settings.REDUCTION_SCRIPT_DIR = tmp_path / "reduction_scripts"
+    # The local backend's job index (backends): one per test, like the run directories it links.
+    settings.LOCAL_BACKEND_DIR = tmp_path / "local_jobs"
     # Factories hash a password per user; the production hasher costs ~0.3 s each.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     return tmp_path

@@ -108,6 +108,15 @@ def _alive(logs: Path) -> bool:
     return False
 
 
+# Wrappers this process started and has not reaped yet: a finished wrapper stays a zombie until
+# its parent waits for it, and a worker may submit for days.
+_spawned: list[subprocess.Popen[bytes]] = []
+
+
+def _reap() -> None:
+    _spawned[:] = [proc for proc in _spawned if proc.poll() is None]
+
+
 def _tail(path: Path, limit: int) -> str:
     try:
         with open(path, "rb") as handle:
@@ -228,17 +237,20 @@ class LocalBackend(Backend):
             argv += ["--", *spec.command]
             try:
                 with open(logs / "wrapper.log", "ab") as wrapper_log:
-                    # Not waited for: the job belongs to no worker. Python reaps the finished
-                    # wrapper at this process's next spawn.
-                    subprocess.Popen(
-                        argv,
-                        stdin=subprocess.DEVNULL,
-                        stdout=wrapper_log,
-                        stderr=subprocess.STDOUT,
-                        cwd=run_dir,
-                        env=self._environment(spec.env),
-                        start_new_session=True,
-                        pass_fds=(lock_fd,),
+                    # Not waited for: the job belongs to no worker; finished wrappers are
+                    # reaped at this process's next submit (_reap).
+                    _reap()
+                    _spawned.append(
+                        subprocess.Popen(
+                            argv,
+                            stdin=subprocess.DEVNULL,
+                            stdout=wrapper_log,
+                            stderr=subprocess.STDOUT,
+                            cwd=run_dir,
+                            env=self._environment(spec.env),
+                            start_new_session=True,
+                            pass_fds=(lock_fd,),
+                        )
                     )
             except OSError as error:
                 # The marker stays, so a retried submit returns this id and reads this failure
