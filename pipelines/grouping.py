@@ -316,10 +316,10 @@ def _check_scalar(kind: str, value: object, field: models.Field | None) -> objec
             raise ValueError(f"{value!r} is not true or false")
         return value
     if kind == "uuid":
-        try:
-            return str(uuid.UUID(value)) if isinstance(value, str) else _raise(value)
-        except ValueError:
-            raise ValueError(f"{value!r} is not a UUID") from None
+        parsed = _safe(uuid.UUID, value) if isinstance(value, str) else None
+        if parsed is None:
+            raise ValueError(f"{value!r} is not a UUID")
+        return str(parsed)
     if kind == "datetime":
         if not isinstance(value, str) or _parse_datetime(value) is None:
             raise ValueError(f"{value!r} is not {_KIND_WORDS['datetime']}")
@@ -329,10 +329,6 @@ def _check_scalar(kind: str, value: object, field: models.Field | None) -> objec
             raise ValueError(f"{value!r} is not {_KIND_WORDS['date']}")
         return value
     raise ValueError(f"unsupported column kind {kind}")  # pragma: no cover - registry mistake
-
-
-def _raise(value: object) -> str:
-    raise ValueError(f"{value!r} is not text")
 
 
 def _safe(parse: Any, value: str) -> Any:
@@ -372,6 +368,8 @@ def _check_like(pattern: object) -> str:
         raise ValueError(f"like needs a text pattern, not {pattern!r}")
     if len(pattern) > MAX_PATTERN_LENGTH:
         raise ValueError(f"a like pattern has at most {MAX_PATTERN_LENGTH} characters")
+    if "\x00" in pattern:
+        raise ValueError(f"{pattern!r} contains a NUL character, which no database stores")
     like_to_glob(pattern)  # raises on a trailing escape character
     return pattern
 
