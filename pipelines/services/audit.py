@@ -71,6 +71,9 @@ STAGING_PREFIX = "staging/"
 # Copies the audit may mark MISSING when their file is absent. Deletion states are excluded: the
 # file going away is what they are for.
 LOSABLE = (_S.PRESENT, _S.STAGED)
+# Lost paths named in a report (the count is always complete): a location that lost everything
+# must not make the report as large as the location.
+LOST_PATHS_KEPT = 100
 # Longest relative path a DarkFile row can hold.
 _MAX_PATH = DarkFile._meta.get_field("relative_path").max_length or 1000
 
@@ -87,7 +90,8 @@ class AuditReport:
     + ``dark_still_present`` + the four ``skipped_*``. Counts of copies: ``lost_marked`` (absent
     twice, marked MISSING), ``lost_reappeared`` (absent from the listing, there on the re-check),
     ``absent_not_marked`` (absent, but in a state the audit never marks). ``dark_gone``: dark
-    file rows removed because the file is no longer dark."""
+    file rows removed because the file is no longer dark. ``lost_paths``: the first
+    ``LOST_PATHS_KEPT`` paths of the copies marked lost."""
 
     location: str
     started_at: datetime
@@ -114,12 +118,11 @@ class AuditReport:
         return self.dark_new + self.dark_still_present
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready (timestamps as ISO 8601); ``lost_paths`` at most the first 100."""
+        """JSON-ready (timestamps as ISO 8601)."""
         data = asdict(self)
         data["started_at"] = self.started_at.isoformat()
         data["finished_at"] = self.finished_at.isoformat() if self.finished_at else None
         data["dark"] = self.dark
-        data["lost_paths"] = self.lost_paths[:100]
         return data
 
     def summary(self) -> str:
@@ -327,7 +330,8 @@ class _Audit:
         )
         if marked:
             self.report.lost_marked += 1
-            self.report.lost_paths.append(row.relative_path)
+            if len(self.report.lost_paths) < LOST_PATHS_KEPT:
+                self.report.lost_paths.append(row.relative_path)
         else:
             # Deleted, being deleted or re-verified meanwhile: a newer fact stands.
             self.report.absent_not_marked += 1
@@ -352,15 +356,14 @@ class _Audit:
         """A file whose copy was registered after the copies were queried looked dark to this
         audit; it is not. One query for the copies created since the start (few: the ingest and
         writes of the audit's own duration), then their dark-file rows go."""
-        paths = list(
+        paths = (
             PhysicalCopy.objects.filter(location=self.location, created_at__gte=self.started)
             .exclude(status=_S.DELETED)
             .values_list("relative_path", flat=True)
+            .iterator(chunk_size=self.chunk_size)
         )
-        for start in range(0, len(paths), AUDIT_CHUNK_SIZE):
-            rows = DarkFile.objects.filter(
-                location=self.location, relative_path__in=paths[start : start + AUDIT_CHUNK_SIZE]
-            )
+        while batch := list(islice(paths, self.chunk_size)):
+            rows = DarkFile.objects.filter(location=self.location, relative_path__in=batch)
             # Recorded by this audit: never dark. Recorded earlier: dark no longer.
             fresh, _ = rows.filter(first_seen_at=self.started).delete()
             older, _ = rows.delete()
