@@ -15,8 +15,9 @@ maps ids to run directories, one symlink per job, so a job that SLURM has alread
 
 Idempotency (a retried submit never starts a second job): under a lock on the run directory,
 ``submit`` first looks for ``logs/submitted.json`` (written right after ``sbatch`` answered),
-then asks ``squeue --states=all --name=...`` for a job of that name whose working directory is
-this run directory (covers a submitter killed between ``sbatch`` and the marker).
+then, when ``logs/job.sbatch`` exists (a submission got as far as writing it), asks ``squeue
+--states=all --name=...`` for a job of that name whose working directory is this run directory
+(covers a submitter killed between ``sbatch`` and the marker).
 
 Status (``get_status``): one ``squeue --states=all --jobs=...`` call for the whole batch, which
 reads the same controller record as ``scontrol show job`` (state, reason, exit code, times).
@@ -555,7 +556,11 @@ class SlurmBackend(Backend):
                     f"{run_dir} already holds job {marker.get('name')!r}; "
                     f"refusing to start {spec.name!r} there"
                 )
-            existing = self.find(spec)
+            script = logs / "job.sbatch"
+            # The script is written before sbatch runs, so without it no earlier attempt can
+            # have reached SLURM and the (cluster-wide, client-filtered) squeue lookup is
+            # skipped: a first submission costs one sbatch.
+            existing = self.find(spec) if marker is not None or script.exists() else None
             if existing is not None:
                 self._register(existing, run_dir)
                 if marker is None:
@@ -563,7 +568,6 @@ class SlurmBackend(Backend):
                         logs / "submitted.json", {"name": spec.name, "job_id": existing}
                     )
                 return existing
-            script = logs / "job.sbatch"
             script.write_text(
                 batch_script(
                     JobSpec(spec.name, spec.command, run_dir, spec.env, spec.resources),

@@ -119,6 +119,8 @@ def test_a_retried_submit_finds_the_job_by_name_and_starts_no_second_one(
 ) -> None:
     spec = _spec(tmp_path, "sleep 2")
     first = backend.submit(spec)
+    # A first submission has nothing to find: no script yet, so no squeue lookup.
+    assert "squeue" not in backend.calls
     # A submitter killed after sbatch answered but before it wrote its marker: the retry, in a
     # new worker, must find the job through squeue by its name.
     (spec.run_dir / "logs" / "submitted.json").unlink()
