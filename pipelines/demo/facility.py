@@ -38,6 +38,16 @@ from pipelines.models import (
     SubObservingProgram,
     Telescope,
 )
+from pipelines.models.workflow import (
+    DataGrouping,
+    Pipeline,
+    ReductionSoftware,
+    ReductionSoftwareVersion,
+    ReductionStep,
+    ReductionStepConfig,
+    TriggerType,
+    VersionPolicy,
+)
 
 DEFAULT_PASSWORD = "workflow-demo"  # demo only; production users never get a default password
 ACTOR = "demo"
@@ -356,6 +366,7 @@ def demo_facility_load(
     tally = Tally()
     _load_observatory(tally)
     _load_sites(tally)
+    _load_pipelines(tally)
     passwords_set = _load_users(tally, password=password, reset_passwords=reset_passwords)
     return DemoFacility(
         tally=tally,
@@ -528,3 +539,127 @@ def _load_users(tally: Tally, *, password: str, reset_passwords: bool) -> list[s
             passwords_set.append(username)
         user.groups.add(*(groups[name] for name in group_names))
     return passwords_set
+
+
+# --- Demo pipelines (issue 11, engine-runs) -----------------------------------------------------
+# Two pipelines over the Prime-Cam scans the default simulation makes (`make demo`: three scans),
+# one per module, each with two steps: "calibrate" per scan, then "combine" over every calibrated
+# scan of a source. The steps run the demo reduction program (pipelines/demo/reduction, no
+# Django) on the local backend without a container. The command names this interpreter: the
+# program needs the project's environment (numpy, matplotlib), and a job inherits PATH, not the
+# virtualenv activation.
+DEMO_SOFTWARE: dict[str, tuple[str, str]] = {
+    # name -> (description, subcommand of `python -m pipelines.demo.reduction`)
+    "demo-calibrate": ("Demo reduction: per-scan calibration of raw detector data.", "calibrate"),
+    "demo-combine": ("Demo reduction: combines calibrated scans of a source.", "combine"),
+}
+DEMO_SOFTWARE_VERSION = "1.0.0"
+DEMO_STEP_CONFIGS: dict[str, dict[str, Any]] = {
+    "demo-calibrate": {"calibration_mode": "hot_cold", "despike_sigma": 5.0},
+    "demo-combine": {"weighting": "inverse_variance"},
+}
+# pipeline name -> (instrument, module, description)
+DEMO_PIPELINES: dict[str, tuple[str, str, str]] = {
+    "Prime-Cam 280 GHz maps": (
+        "Prime-Cam", "280 GHz", "Calibrated 280 GHz scans, combined per source.",
+    ),
+    "Prime-Cam 350 GHz maps": (
+        "Prime-Cam", "350 GHz", "Calibrated 350 GHz scans, combined per source.",
+    ),
+}  # fmt: skip
+# Demo pipelines run at the first archive site's processing location.
+DEMO_PROCESSING_SITE = "cologne"
+
+
+def _load_pipelines(tally: Tally) -> None:
+    import sys
+
+    from pipelines.services.pipelines import reduction_step_set_dependencies
+
+    versions: dict[str, ReductionSoftwareVersion] = {}
+    for name, (description, subcommand) in DEMO_SOFTWARE.items():
+        software = _ensure(
+            ReductionSoftware, tally, lookup={"name": name}, values={"description": description}
+        )
+        versions[name] = _ensure(
+            ReductionSoftwareVersion,
+            tally,
+            lookup={"software": software, "version": DEMO_SOFTWARE_VERSION},
+            values={
+                "image_ref": f"localhost/{name}:{DEMO_SOFTWARE_VERSION}",
+                "command": [sys.executable, "-m", "pipelines.demo.reduction", subcommand],
+                "is_active": True,
+            },
+        )
+    configs = {
+        name: _ensure(
+            ReductionStepConfig, tally, lookup={"name": name}, values={"parameters": parameters}
+        )
+        for name, parameters in DEMO_STEP_CONFIGS.items()
+    }
+    processing = DataLocation.objects.get(
+        site__short_name=DEMO_PROCESSING_SITE, location_type=LT.PROCESSING
+    )
+    for name, (instrument, module_name, description) in DEMO_PIPELINES.items():
+        module = InstrumentModule.objects.get(instrument__name=instrument, name=module_name)
+        grouping = _ensure(
+            DataGrouping,
+            tally,
+            lookup={"name": f"{name}: archived packages"},
+            values={
+                "description": f"Archived {instrument} {module_name} packages.",
+                "filter_rules": [
+                    {
+                        "table": "RawDataPackage",
+                        "column": "state",
+                        "operator": "eq",
+                        "value": "archived",
+                    }
+                ],
+                "instrument_module": module,
+            },
+        )
+        pipeline = _ensure(
+            Pipeline,
+            tally,
+            lookup={"name": name},
+            values={
+                "description": description,
+                "data_grouping": grouping,
+                "processing_location": processing,
+                "trigger_type": TriggerType.CONTINUOUS,
+                "trigger_config": {},
+                "enabled": True,
+            },
+        )
+        steps: dict[str, ReductionStep] = {}
+        for order, (step_name, software_name, group_by) in enumerate(
+            (
+                ("calibrate", "demo-calibrate", ["executed_obs_unit"]),
+                ("combine", "demo-combine", ["source"]),
+            ),
+            start=1,
+        ):
+            version = versions[software_name]
+            steps[step_name] = _ensure(
+                ReductionStep,
+                tally,
+                lookup={"pipeline": pipeline, "name": step_name},
+                values={
+                    "step_order": order,
+                    "group_by": group_by,
+                    # Every new scan is reduced at once (the demo has no batching to wait for).
+                    "cooldown_seconds": 0,
+                    "resource_requirements": {"cpu": 1, "memory_gb": 1, "time_hours": 0.5},
+                    "max_retries": 2,
+                    "software": version.software,
+                    "software_version": version,
+                    "version_policy": VersionPolicy.PINNED,
+                    "config": configs[software_name],
+                    # Calibration pins Prime-Cam's reduction parameters (the script in config/).
+                    "reduction_instrument": "primecam" if step_name == "calibrate" else "",
+                },
+            )
+        combine = steps["combine"]
+        if set(combine.depends_on.all()) != {steps["calibrate"]}:
+            reduction_step_set_dependencies(combine, [steps["calibrate"]])
