@@ -180,28 +180,24 @@ class RunInfo:
 
 
 def _runs_by_key(step: ReductionStep, keys: Iterable[str] | None) -> dict[str, list[RunInfo]]:
-    """Runs of ``step`` (of ``keys``, or all), newest first, with their input packages. Two
-    queries."""
+    """Runs of ``step`` (of ``keys``, or all), newest first, with their input packages. One
+    query (runs LEFT JOIN their inputs)."""
     runs = ExecutedReductionStep.objects.filter(reduction_step=step)
     if keys is not None:
         runs = runs.filter(sub_group_key__in=list(keys))
     by_id: dict[int, RunInfo] = {}
     by_key: dict[str, list[RunInfo]] = defaultdict(list)
-    for pk, key, status, failed_for_good, created_at in runs.order_by(
+    for pk, key, status, failed_for_good, created_at, package_id in runs.order_by(
         "-created_at", "-pk"
-    ).values_list("pk", "sub_group_key", "status", "failed_for_good", "created_at"):
-        info = RunInfo(pk, status, failed_for_good, created_at)
-        by_id[pk] = info
-        by_key[key].append(info)
-    if by_id:
-        links = RunInputs.objects.filter(executedreductionstep__reduction_step=step)
-        if keys is not None:
-            links = links.filter(executedreductionstep_id__in=list(by_id))
-        for run_id, package_id in links.values_list(
-            "executedreductionstep_id", "rawdatapackage_id"
-        ):
-            if run_id in by_id:
-                by_id[run_id].packages.add(package_id)
+    ).values_list(
+        "pk", "sub_group_key", "status", "failed_for_good", "created_at", "input_raw_packages"
+    ):
+        info = by_id.get(pk)
+        if info is None:
+            info = by_id[pk] = RunInfo(pk, status, failed_for_good, created_at)
+            by_key[key].append(info)
+        if package_id is not None:
+            info.packages.add(package_id)
     return by_key
 
 
@@ -255,7 +251,7 @@ class Decision:
     reason: str
     package_ids: list[int] = field(default_factory=list)
     gap: list[int] = field(default_factory=list)
-    product_ids: list[int] = field(default_factory=list)
+    upstream_run_ids: list[int] = field(default_factory=list)  # COMPLETED runs feeding it
     excluded: list[dict[str, Any]] = field(default_factory=list)
     run_id: int | None = None  # the occupying / last / upstream run the reason refers to
     until: datetime | None = None  # end of the cooldown
@@ -277,7 +273,6 @@ def _decide(
     eligible_of: dict[str, list[int]] = {}
     excluded_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
     waiting_of: dict[str, int] = {}
-    products_of: dict[str, set[int]] = defaultdict(set)
     upstream_runs_of: dict[str, set[int]] = defaultdict(set)
     if upstream:
         wanted: set[int] | None = None
@@ -318,16 +313,6 @@ def _decide(
                 if verdict == "ok":
                     eligible.append(package_id)
             eligible_of[key] = eligible
-        completed = {r for ids in upstream_runs_of.values() for r in ids}
-        run_products: dict[int, list[int]] = defaultdict(list)
-        if completed:
-            for pk, run_id in DataProduct.objects.filter(produced_by_id__in=completed).values_list(
-                "pk", "produced_by_id"
-            ):
-                run_products[run_id].append(pk)
-        for key, run_ids in upstream_runs_of.items():
-            for run_id in run_ids:
-                products_of[key].update(run_products[run_id])
     decisions = []
     for key, group in sub_groups.items():
         members = eligible_of[key] if upstream else list(group.package_ids)
@@ -341,7 +326,7 @@ def _decide(
             reason=Reason.CREATE,
             package_ids=sorted(members),
             gap=sorted(gap),
-            product_ids=sorted(products_of.get(key, ())),
+            upstream_run_ids=sorted(upstream_runs_of.get(key, ())),
             excluded=excluded_of.get(key, []),
         )
         occupying = next((r for r in runs if r.occupying), None)
@@ -448,11 +433,15 @@ def _create_run(
                     for p in decision.package_ids
                 ]
             )
-            if decision.product_ids:
+            # The upstream runs' products, read only now that a run is made of them.
+            products = DataProduct.objects.filter(
+                produced_by_id__in=decision.upstream_run_ids
+            ).values_list("pk", flat=True)
+            if decision.upstream_run_ids:
                 RunProducts.objects.bulk_create(
                     [
                         RunProducts(executedreductionstep_id=run.pk, dataproduct_id=p)
-                        for p in decision.product_ids
+                        for p in products
                     ]
                 )
             record_creation(
@@ -470,26 +459,45 @@ def _create_run(
 
 # --- evaluating a pipeline ----------------------------------------------------------------------
 def _ordered_steps(pipeline: Pipeline) -> list[tuple[ReductionStep, list[ReductionStep]]]:
-    """The pipeline's steps with their upstream steps, upstream first (topological; ties by
-    step_order). A cycle (refused on save) is broken by step_order rather than looping."""
-    steps = list(pipeline.steps.select_related("software", "software_version", "config"))
+    """The pipeline's steps with their upstream steps, upstream first."""
+    return _steps_of([pipeline])[pipeline.pk]
+
+
+def _steps_of(
+    pipelines: Sequence[Pipeline],
+) -> dict[int, list[tuple[ReductionStep, list[ReductionStep]]]]:
+    """Each pipeline's steps with their upstream steps, upstream first (topological; ties by
+    step_order). A cycle (refused on save) is broken by step_order rather than looping. Two
+    queries for all the pipelines."""
+    ids = [p.pk for p in pipelines]
+    steps = list(
+        ReductionStep.objects.filter(pipeline_id__in=ids).select_related(
+            "software", "software_version", "config"
+        )
+    )
     by_id = {s.pk: s for s in steps}
     upstream: dict[int, list[ReductionStep]] = {s.pk: [] for s in steps}
     for down, up in ReductionStep.depends_on.through.objects.filter(
-        from_reductionstep__pipeline=pipeline
+        from_reductionstep__pipeline_id__in=ids
     ).values_list("from_reductionstep_id", "to_reductionstep_id"):
         if down in by_id and up in by_id:
             upstream[down].append(by_id[up])
-    ordered: list[ReductionStep] = []
-    done: set[int] = set()
-    remaining = sorted(steps, key=lambda s: (s.step_order, s.pk))
-    while remaining:
-        ready = [s for s in remaining if all(u.pk in done for u in upstream[s.pk])] or remaining[:1]
-        for s in ready:
-            ordered.append(s)
-            done.add(s.pk)
-        remaining = [s for s in remaining if s.pk not in done]
-    return [(s, upstream[s.pk]) for s in ordered]
+    result: dict[int, list[tuple[ReductionStep, list[ReductionStep]]]] = {pk: [] for pk in ids}
+    grouped: dict[int, list[ReductionStep]] = defaultdict(list)
+    for s in steps:
+        grouped[s.pipeline_id].append(s)
+    for pipeline_id, members in grouped.items():
+        done: set[int] = set()
+        remaining = sorted(members, key=lambda s: (s.step_order, s.pk))
+        while remaining:
+            ready = [
+                s for s in remaining if all(u.pk in done for u in upstream[s.pk])
+            ] or remaining[:1]
+            for s in ready:
+                result[pipeline_id].append((s, upstream[s.pk]))
+                done.add(s.pk)
+            remaining = [s for s in remaining if s.pk not in done]
+    return result
 
 
 def _roots_allowed(pipeline: Pipeline, *, cron_due: bool) -> bool:
@@ -522,12 +530,22 @@ def _evaluate(
     roots: bool,
     affected: _Affected | None = None,
     actor: str,
+    steps: list[tuple[ReductionStep, list[ReductionStep]]] | None = None,
 ) -> list[ExecutedReductionStep]:
     """Evaluate ``pipeline`` (all sub-groups when ``full``, else those ``affected`` names) and
-    create the due runs, upstream steps first so a run created now makes its downstream wait."""
+    create the due runs, upstream steps first so a run created now makes its downstream wait.
+    ``steps`` are the pipeline's ``_steps_of`` when the caller loaded them already."""
     from pipelines.grouping import package_sub_groups
 
     packages = pipeline_packages(pipeline)
+    new_packages: list[int] = []
+    if affected is not None and affected.new_packages and roots:
+        # One query per grouping tells whether any new package is this pipeline's at all.
+        new_packages = list(
+            packages.filter(pk__in=affected.new_packages).values_list("pk", flat=True)
+        )
+        if not new_packages and not affected.keys and not affected.upstream_packages:
+            return []
     cache_by_group_by: dict[tuple[str, ...], dict[str, SubGroup]] = {}
 
     def all_sub_groups(group_by: list[str]) -> dict[str, SubGroup]:
@@ -537,7 +555,7 @@ def _evaluate(
         return cache_by_group_by[key]
 
     created: list[ExecutedReductionStep] = []
-    for step, upstream in _ordered_steps(pipeline):
+    for step, upstream in steps if steps is not None else _ordered_steps(pipeline):
         group_by = list(step.group_by or [])
         if not upstream and not roots:
             continue
@@ -548,7 +566,7 @@ def _evaluate(
             keys = set(affected.keys.get(step.pk, ()))
             touching = set(affected.upstream_packages.get(step.pk, ()))
             if not upstream:
-                touching |= set(affected.new_packages)
+                touching |= set(new_packages)
             if touching:
                 keys |= set(package_sub_groups(packages.filter(pk__in=touching), group_by))
             if not keys:
@@ -654,10 +672,16 @@ def _advance(pipeline: Pipeline, *, now: datetime, full: bool) -> None:
         pipeline.full_evaluation_at = now
 
 
-def _changes(pipelines: Sequence[Pipeline], *, now: datetime) -> dict[int, _Affected]:
+def _changes(
+    pipelines: Sequence[Pipeline],
+    *,
+    now: datetime,
+    steps_of: dict[int, list[tuple[ReductionStep, list[ReductionStep]]]] | None = None,
+) -> dict[int, _Affected]:
     """What changed since each pipeline's watermark, in a few queries for all of them: packages
-    archived since (one query), runs of their steps completed since (one), sub-groups whose
-    cooldown ended since (one per distinct cooldown). Pipelines must have a watermark."""
+    archived since (one query), runs of their steps finished since (one), sub-groups whose
+    cooldown ended since (one per distinct cooldown). ``steps_of``: the pipelines'
+    ``_steps_of`` when the caller has them (else two more queries)."""
     result: dict[int, _Affected] = {p.pk: _Affected() for p in pipelines}
     if not pipelines:
         return result
@@ -668,11 +692,13 @@ def _changes(pipelines: Sequence[Pipeline], *, now: datetime) -> dict[int, _Affe
     new = list(
         RawDataPackage.objects.filter(archived_at__gt=since).values_list("pk", "archived_at")
     )
-    steps = list(
-        ReductionStep.objects.filter(pipeline__in=[p.pk for p in pipelines]).values_list(
-            "pk", "pipeline_id", "cooldown_seconds"
-        )
-    )
+    if steps_of is None:
+        steps_of = _steps_of(pipelines)
+    steps = [
+        (s.pk, s.pipeline_id, s.cooldown_seconds)
+        for p in pipelines
+        for s, _upstream in steps_of.get(p.pk, [])
+    ]
     pipeline_of = {pk: pipeline_id for pk, pipeline_id, _c in steps}
     for pipeline in pipelines:
         mark = marks[pipeline.pk]
@@ -755,7 +781,9 @@ def _tick(*, owner: str, now: datetime | None, allow_full: bool) -> dict[str, in
     full_count = 0
     incremental: list[Pipeline] = []
     cron_due: dict[int, bool] = {}
-    for pipeline in served_pipelines():
+    served = list(served_pipelines())
+    steps = _steps_of(served)
+    for pipeline in served:
         cron_due[pipeline.pk] = pipeline.trigger_type == TriggerType.CRON and _claim_cron_due(
             pipeline, now
         )
@@ -771,18 +799,26 @@ def _tick(*, owner: str, now: datetime | None, allow_full: bool) -> dict[str, in
             if not cron_due[pipeline.pk] and not _claim_full(pipeline, now, full_every):
                 continue  # another manager is evaluating it in full right now
             roots = _roots_allowed(pipeline, cron_due=cron_due[pipeline.pk])
-            created += _evaluate(pipeline, now=now, full=True, roots=roots, actor=actor)
-            _advance(pipeline, now=now, full=True)
+            created += _evaluate(
+                pipeline, now=now, full=True, roots=roots, actor=actor, steps=steps[pipeline.pk]
+            )
+            _advance(pipeline, now=now, full=cron_due[pipeline.pk])
             full_count += 1
         else:
             incremental.append(pipeline)
-    changes = _changes(incremental, now=now)
+    changes = _changes(incremental, now=now, steps_of=steps)
     for pipeline in incremental:
         affected = changes[pipeline.pk]
         if affected:
             roots = _roots_allowed(pipeline, cron_due=False)
             created += _evaluate(
-                pipeline, now=now, full=False, roots=roots, affected=affected, actor=actor
+                pipeline,
+                now=now,
+                full=False,
+                roots=roots,
+                affected=affected,
+                actor=actor,
+                steps=steps[pipeline.pk],
             )
     # One UPDATE for all of them (never backwards: another manager may be ahead).
     mark = now - WATERMARK_LAG
