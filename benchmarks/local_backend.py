@@ -1,6 +1,7 @@
 """The local backend's cost per job: submit -> exit code on disk, against a bare process spawn.
 
-Each job is ``python3 -S -c pass`` (a fixed, near-empty process). Timed per job, interleaved so
+Each job is ``python3 -S -c pass`` (a fixed, near-empty process; the interpreter running this
+script, resolved past any symlink or shim). Timed per job, interleaved so
 that both sides see the same machine load:
 
 - ``bare spawn``: ``subprocess.Popen(argv).wait()``, the least any backend can cost;
@@ -66,8 +67,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
-    python3 = shutil.which("python3") or sys.executable
-    argv = [python3, "-S", "-c", "pass"]
+    # The interpreter itself, not whatever ``python3`` is on PATH: a pyenv shim there is a bash
+    # script that costs more than the interpreter's start.
+    argv = [os.path.realpath(sys.executable), "-S", "-c", "pass"]
     root = Path(tempfile.mkdtemp(prefix="local-backend-bench-", dir=args.dir))
     backend = LocalBackend(state_dir=root / "jobs")
     try:

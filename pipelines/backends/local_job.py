@@ -5,7 +5,7 @@
 
 Started by ``LocalBackend.submit`` in a session of its own, so the job outlives the worker that
 submitted it. Every step of a pipeline pays for this wrapper's start, so it runs with ``-S`` (no
-site-packages) and imports only ``os``, ``sys``, ``signal``, ``time`` and ``resource``: no
+site-packages) and imports only ``os``, ``sys``, ``_signal`` and ``time``: no
 Django, no ``json``/``subprocess``/``pathlib`` (the command is started with ``posix_spawn``
 and reaped with ``wait4``, which also gives its resource usage). Contract with ``local.py``,
 all under ``RUN_DIR/logs``:
@@ -34,8 +34,9 @@ job nothing, the result-manager's poll finds the exit code anyway.
 
 from __future__ import annotations
 
+# The C module: ``signal`` imports enum, which was two thirds of this wrapper's start-up.
+import _signal as signal
 import os
-import signal
 import sys
 import time
 
@@ -83,11 +84,15 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}+00:00"
 
 
+_SIGNAL_NAMES = {
+    getattr(signal, name): name
+    for name in dir(signal)
+    if name.startswith("SIG") and not name.startswith(("SIG_", "SIGRT"))
+}
+
+
 def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
+    return _SIGNAL_NAMES.get(signum, f"signal {signum}")
 
 
 class Job:
