@@ -1,22 +1,23 @@
 """The local backend's cost per job: submit -> exit code on disk, against a bare process spawn.
 
 Each job is ``python3 -S -c pass`` (a fixed, near-empty process; the interpreter running this
-script, resolved past any symlink or shim). Timed per job, interleaved so
-that both sides see the same machine load:
+script, resolved past any symlink or shim). Timed per job, interleaved so that both sides see
+the same machine load:
 
 - ``bare spawn``: ``subprocess.Popen(argv).wait()``, the least any backend can cost;
-- ``local backend``: ``LocalBackend.submit(spec)`` until ``get_status`` reads the job as
-  finished (polled every millisecond from the exit-code file), i.e. what the result-manager
-  would see with no poll interval at all; split into the ``submit`` call itself and the
-  wait; plus the job's own lifetime as the wrapper measured it (``wall_seconds``, spawn to
-  exit of the command), which the orchestration benchmark subtracts from a chain's wall time.
+- ``local backend``: ``LocalBackend.submit(spec)`` until the exit code is on disk and
+  ``get_status`` has read it (the file watched every millisecond, then one status call, as the
+  pushed completion task does), i.e. what the result-manager sees with no poll interval at
+  all; split into the ``submit`` call itself and the wait; plus the job's own lifetime as the
+  wrapper measured it (``wall_seconds``, spawn to exit of the command), which the
+  orchestration benchmark subtracts from a chain's wall time.
 
 Then a batch: N jobs submitted back to back, waited for together (jobs per second).
 
 Backend overhead per job = local backend median - bare spawn median: the wrapper's own Python
-start-up (``-S``, standard library only), the lock and marker files, the detached session, and
-the exit-code write. No database and no Celery: the backend is built directly on a temporary
-state directory.
+start-up (``-S``, no site-packages, ``os``/``sys``/``_signal``/``time`` only), the lock and
+marker files, the detached session, and the exit-code write. No database and no Celery: the
+backend is built directly on a temporary state directory.
 
     .venv/bin/python benchmarks/local_backend.py [--jobs 40] [--dir /tmp]
 
@@ -47,17 +48,20 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def _wait(backend: LocalBackend, job_id: str, timeout: float = 60) -> float | None:
+def _wait(backend: LocalBackend, job_id: str, run_dir: Path, timeout: float = 60) -> float | None:
+    """Wait for the job's exit code (a stat every millisecond: cheap enough not to compete with
+    the job for the CPU, as polling the full status would), then read its status once, as the
+    pushed completion task does. Returns the job's lifetime as the wrapper measured it."""
     deadline = time.monotonic() + timeout
-    while True:
-        status = backend.get_status([job_id])[job_id]
-        if status.is_finished:
-            if status.state != "completed":
-                raise SystemExit(f"{job_id} failed: {status.reason}")
-            return status.wall_seconds
+    exit_code = run_dir / "logs" / "exit_code"
+    while not exit_code.exists():
         if time.monotonic() > deadline:
             raise SystemExit(f"{job_id} did not finish within {timeout} s")
         time.sleep(0.001)
+    status = backend.get_status([job_id])[job_id]
+    if status.state != "completed":
+        raise SystemExit(f"{job_id} failed: {status.reason}")
+    return status.wall_seconds
 
 
 def main() -> None:
@@ -76,7 +80,7 @@ def main() -> None:
         # Warm the page cache and the interpreter's files for both sides.
         subprocess.run(argv, check=True)
         warm = backend.submit(JobSpec(name="warm-0", command=argv, run_dir=root / "warm"))
-        _wait(backend, warm)
+        _wait(backend, warm, root / "warm")
 
         bare, submit_calls, backend_total, lifetimes = [], [], [], []
         for index in range(args.jobs):
@@ -88,7 +92,7 @@ def main() -> None:
             start = time.perf_counter()
             job_id = backend.submit(spec)
             submitted = time.perf_counter()
-            lifetime = _wait(backend, job_id)
+            lifetime = _wait(backend, job_id, spec.run_dir)
             finished = time.perf_counter()
             submit_calls.append(submitted - start)
             backend_total.append(finished - start)
@@ -102,8 +106,8 @@ def main() -> None:
             )
             for index in range(args.jobs)
         ]
-        for job_id in ids:
-            _wait(backend, job_id)
+        for index, job_id in enumerate(ids):
+            _wait(backend, job_id, root / f"batch-{index}")
         batch = time.perf_counter() - start
     finally:
         shutil.rmtree(root, ignore_errors=True)
