@@ -406,3 +406,23 @@ def test_a_grouping_resolves_in_one_query_whatever_the_rules(
 
     with django_assert_num_queries(1):
         assert len(list(rules_queryset(rules))) == 5
+
+
+def test_a_built_query_is_reused_but_every_caller_gets_its_own_clone(world: World) -> None:
+    from pipelines import grouping
+
+    world.package(name="big", size=5000)
+    world.package(name="small", size=10)
+    rules = [rule("RawDataPackage", "size", "gte", 10)]
+    grouping._cached_queryset.cache_clear()
+
+    first = rules_queryset(rules)
+    narrowed = first.filter(size__gt=100)  # a caller narrowing its copy ...
+    second = rules_queryset(rules)
+
+    assert grouping._cached_queryset.cache_info().hits == 1
+    assert first is not second
+    assert {p.name for p in narrowed} == {"big"}
+    assert {p.name for p in second} == {"big", "small"}  # ... leaves the next caller's alone
+    # A changed rule is another key: never a stale answer.
+    assert names([rule("RawDataPackage", "size", "gte", 100)]) == {"big"}
