@@ -4,6 +4,11 @@ pods. Its handling of the API's answers is in test_backend_kubernetes_api.py (fa
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -272,3 +277,61 @@ def test_a_job_that_is_gone_is_lost() -> None:
 
 def test_the_registry_names_the_kubernetes_backend() -> None:
     assert BACKENDS["kubernetes"] == "pipelines.backends.kubernetes.KubernetesBackend"
+
+
+# --- behaviour 46: defaults ------------------------------------------------------------------
+
+BACKEND_SETTINGS = (
+    "HPC_BACKEND",
+    "SLURM_PARTITION",
+    "SLURM_BACKEND_DIR",
+    "K8S_NAMESPACE",
+    "K8S_JOB_IMAGE",
+    "K8S_IMAGE_PULL_POLICY",
+    "K8S_JOB_TTL_SECONDS",
+    "K8S_PVC_NAME",
+    "K8S_PVC_ROOT",
+)
+
+
+def _readme_defaults(root: Path) -> dict[str, str]:
+    """The README environment table's default column: the first `code` in the cell, ``""`` for
+    a cell that starts with "empty", ``<var>`` spelled out as the repository's var directory."""
+    defaults: dict[str, str] = {}
+    for line in (root / "README.md").read_text(encoding="utf-8").splitlines():
+        match = re.match(r"^\| `([A-Z0-9_]+)` \| ([^|]*) \|", line)
+        if not match:
+            continue
+        cell = match.group(2).strip()
+        code = re.search(r"`([^`]*)`", cell)
+        value = "" if cell.startswith("empty") or code is None else code.group(1)
+        defaults[match.group(1)] = value.replace("<var>", str(root / "var"))
+    return defaults
+
+
+def test_behaviour_46_backend_defaults_are_the_ones_in_the_readme_environment_table() -> None:
+    """Our defaults (README) rather than CCAT's: local backend, namespace "workflow", no
+    partition. Settings are loaded in a fresh interpreter with no overrides in its environment."""
+    root = Path(__file__).resolve().parents[2]
+    program = (
+        "import json; from workflow_site import settings as s; "
+        f"print(json.dumps({{k: str(getattr(s, k)) for k in {list(BACKEND_SETTINGS)!r}}}))"
+    )
+    clean_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root)}
+
+    result = subprocess.run(
+        [sys.executable, "-c", program],
+        cwd=root,
+        env=clean_env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    actual = json.loads(result.stdout)
+    documented = _readme_defaults(root)
+
+    assert {key: documented.get(key) for key in BACKEND_SETTINGS} == actual
+    assert actual["HPC_BACKEND"] == "local"
+    assert actual["K8S_NAMESPACE"] == "workflow"
+    assert actual["SLURM_PARTITION"] == ""
