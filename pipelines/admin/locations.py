@@ -182,7 +182,9 @@ class PhysicalCopyAdmin(OpsModelAdmin):
     # Integrity (issue 10): an operator's re-verification through the integrity service.
     actions = ("verify_now",)
 
-    @admin.action(description="Verify now (read back and compare checksums)")
+    @admin.action(
+        description="Verify now (read back and compare checksums)", permissions=["change"]
+    )
     def verify_now(self, request: HttpRequest, queryset: QuerySet[PhysicalCopy]) -> None:
         """Dispatch a verification of each selected copy to its location's workers
         (``copies_verify_now``); the result appears on the copy and in its events."""

@@ -48,9 +48,9 @@ def package_copy(tmp_path: Path, *, data: bytes = DATA, name: str = "a", **kwarg
 
 def events(copy: PhysicalCopy) -> list[tuple[str, str]]:
     return list(
-        StateEvent.objects.filter(
-            entity="physical_copy", object_id=str(copy.pk), field="integrity"
-        ).order_by("pk").values_list("from_state", "to_state")
+        StateEvent.objects.filter(entity="physical_copy", object_id=str(copy.pk), field="integrity")
+        .order_by("pk")
+        .values_list("from_state", "to_state")
     )
 
 
@@ -358,3 +358,39 @@ def test_health_counts_damaged_copies_and_failed_repairs_and_stays_200(
         "repairs_failed": 1,
     }
     assert body["failed"]["copy_repair"] == 1
+
+
+# --- admin ---------------------------------------------------------------------------------------
+@pytest.mark.django_db(transaction=True)
+def test_an_operator_verifies_copies_now_from_the_admin(
+    tmp_path: Path, sent: list[tuple[int, str, str]]
+) -> None:
+    from django.contrib.messages import get_messages
+    from django.test import Client
+    from django.urls import reverse
+
+    from access import OPERATORS, VIEWERS, ensure_groups
+
+    groups = ensure_groups()
+    verified = package_copy(
+        tmp_path, name="a", integrity=I.VERIFIED, checksum_verified_at=timezone.now()
+    )
+    deleting = package_copy(tmp_path, name="b", status=PhysicalCopyStatus.DELETION_IN_PROGRESS)
+    url = reverse("admin:pipelines_physicalcopy_changelist")
+    form = {"action": "verify_now", "_selected_action": [verified.pk, deleting.pk], "index": 0}
+
+    viewer = f.UserFactory(username="victor", is_staff=True)
+    viewer.groups.add(groups[VIEWERS])
+    client = Client()
+    client.force_login(viewer)
+    client.post(url, form)
+    assert sent == []
+
+    operator = f.UserFactory(username="olga", is_staff=True)
+    operator.groups.add(groups[OPERATORS])
+    client.force_login(operator)
+    response = client.post(url, form)
+    # Due or not, the selected live copy is dispatched; the one being deleted is not.
+    assert [pk for pk, _until, _queue in sent] == [verified.pk]
+    [message] = [str(m) for m in get_messages(response.wsgi_request)]
+    assert "Dispatched 1 verification(s)" in message and "1 skipped" in message
