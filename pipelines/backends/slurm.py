@@ -541,7 +541,11 @@ class SlurmBackend(Backend):
         return None
 
     def submit(self, spec: JobSpec) -> str:
-        self.validate_resources(spec.resources)
+        """See ``Backend.submit``. Resources beyond the partition are a ValidationError (the
+        step asks for what the cluster cannot give); a cluster that does not answer is a
+        BackendError like every other SLURM failure here, so the caller may retry."""
+        validate_resource_shape(spec.resources)
+        check_against_partition(spec.resources, self.partition_limits())
         run_dir = Path(spec.run_dir).resolve()
         logs = run_dir / "logs"
         try:

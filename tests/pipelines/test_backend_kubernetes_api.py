@@ -471,3 +471,13 @@ def test_the_backend_uses_the_configured_namespace(settings, fake: FakeKubernete
     backend = KubernetesBackend(api_client=client.ApiClient(configuration))
 
     assert backend.namespace == "from-settings"
+
+
+def test_without_a_cluster_or_kubeconfig_the_backend_says_so(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    backend = KubernetesBackend(namespace="wf")
+
+    with pytest.raises(BackendError, match="no Kubernetes configuration: not in a cluster"):
+        backend.get_status(["wf/run-1-1"])

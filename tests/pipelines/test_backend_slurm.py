@@ -290,3 +290,21 @@ def test_resources_within_the_partition_pass() -> None:
 
 def test_the_registry_names_the_slurm_backend() -> None:
     assert BACKENDS["slurm"] == "pipelines.backends.slurm.SlurmBackend"
+
+
+def test_without_slurm_commands_submit_is_a_backend_error_and_validation_refuses(
+    monkeypatch, tmp_path
+) -> None:
+    """A worker without the SLURM client (or a cluster that does not answer) may retry a
+    submission later; a step saved meanwhile is refused, saying why."""
+    from pipelines.backends import slurm
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(slurm, "_PARTITION_CACHE", {})
+    backend = slurm.SlurmBackend(partition="", state_dir=tmp_path / "index")
+
+    with pytest.raises(BackendError, match="scontrol not found: the SLURM client commands"):
+        backend.submit(_spec(tmp_path, resources={"cpu": 1}))
+    with pytest.raises(ValidationError, match="cannot check the resources against SLURM"):
+        backend.validate_resources({"cpu": 1})
+    assert not (tmp_path / "run" / "logs").exists()
