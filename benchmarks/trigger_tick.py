@@ -79,7 +79,7 @@ def main() -> None:
         run(args, header)
 
 
-def run(args: argparse.Namespace, header: str) -> None:  # noqa: PLR0915 - a script, top to bottom
+def run(args: argparse.Namespace, header: str) -> None:
     from django.conf import settings
     from django.db import connection
     from django.utils import timezone

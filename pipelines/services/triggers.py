@@ -26,7 +26,9 @@ Semantics (the brief's PROPOSED ones, made exact here; ``explain_step`` answers 
   sub-group *wait*, so a combined step runs once over all of its scans instead of once per
   finished scan; a package with no upstream run yet does not block (it reopens the sub-group
   when its upstream run completes). The gap of a downstream step is its eligible packages not
-  yet covered.
+  yet covered. The price: a fan-in step whose upstream always has a run in progress (data
+  arriving faster than it is reduced) waits until the upstream is quiet; ``explain_step``
+  names the run it waits for.
 - **Trigger types gate root steps only** (steps without ``depends_on``): CONTINUOUS at every
   evaluation, CRON only once per due time of ``trigger_config["cron"]`` (croniter;
   ``Pipeline.cron_last_due_at`` is advanced by a conditional UPDATE, so of several managers
@@ -757,9 +759,10 @@ def trigger_manager_tick(*, owner: str, now: datetime | None = None) -> dict[str
     since the last, or never evaluated) is claimed for it by a conditional UPDATE of
     ``full_evaluation_at`` (so of several managers one does it), while the tick has spent less
     than half the manager interval on full evaluations (the rest wait for the next tick);
-    the others are evaluated incrementally from their watermark. Returns
-    {"created": runs created, "full": pipelines re-evaluated in full} (both 0 when nothing was
-    due, so ``facility run --until-idle`` can stop)."""
+    the others are evaluated incrementally from their watermark. A pipeline whose evaluation
+    raises is logged and counted and the others go on. Returns {"created": runs created,
+    "full": pipelines re-evaluated in full, "errors": pipelines that failed} (all 0 when nothing
+    was due, so ``facility run --until-idle`` can stop)."""
     return _tick(owner=owner, now=now, allow_full=True)
 
 
@@ -778,7 +781,7 @@ def _tick(*, owner: str, now: datetime | None, allow_full: bool) -> dict[str, in
     budget = settings.WORKFLOW_MANAGER_INTERVAL / 2
     full_every = timedelta(seconds=settings.WORKFLOW_TRIGGER_FULL_INTERVAL)
     created: list[ExecutedReductionStep] = []
-    full_count = 0
+    full_count = errors = 0
     incremental: list[Pipeline] = []
     cron_due: dict[int, bool] = {}
     served = list(served_pipelines())
@@ -799,33 +802,52 @@ def _tick(*, owner: str, now: datetime | None, allow_full: bool) -> dict[str, in
             if not cron_due[pipeline.pk] and not _claim_full(pipeline, now, full_every):
                 continue  # another manager is evaluating it in full right now
             roots = _roots_allowed(pipeline, cron_due=cron_due[pipeline.pk])
-            created += _evaluate(
-                pipeline, now=now, full=True, roots=roots, actor=actor, steps=steps[pipeline.pk]
-            )
+            try:
+                created += _evaluate(
+                    pipeline,
+                    now=now,
+                    full=True,
+                    roots=roots,
+                    actor=actor,
+                    steps=steps[pipeline.pk],
+                )
+            except Exception:
+                # One broken pipeline (rules edited around validation, say) must not stop the
+                # others; its watermark stays, so the next ticks look at its changes again.
+                log.exception("trigger manager: evaluating pipeline %s failed", pipeline)
+                errors += 1
+                continue
             _advance(pipeline, now=now, full=cron_due[pipeline.pk])
             full_count += 1
         else:
             incremental.append(pipeline)
     changes = _changes(incremental, now=now, steps_of=steps)
+    advanced: list[int] = []
     for pipeline in incremental:
         affected = changes[pipeline.pk]
         if affected:
             roots = _roots_allowed(pipeline, cron_due=False)
-            created += _evaluate(
-                pipeline,
-                now=now,
-                full=False,
-                roots=roots,
-                affected=affected,
-                actor=actor,
-                steps=steps[pipeline.pk],
-            )
+            try:
+                created += _evaluate(
+                    pipeline,
+                    now=now,
+                    full=False,
+                    roots=roots,
+                    affected=affected,
+                    actor=actor,
+                    steps=steps[pipeline.pk],
+                )
+            except Exception:
+                log.exception("trigger manager: evaluating pipeline %s failed", pipeline)
+                errors += 1
+                continue
+        advanced.append(pipeline.pk)
     # One UPDATE for all of them (never backwards: another manager may be ahead).
     mark = now - WATERMARK_LAG
-    Pipeline.objects.filter(pk__in=[p.pk for p in incremental]).filter(
+    Pipeline.objects.filter(pk__in=advanced).filter(
         Q(trigger_watermark__isnull=True) | Q(trigger_watermark__lt=mark)
     ).update(trigger_watermark=mark)
-    return {"created": len(created), "full": full_count}
+    return {"created": len(created), "full": full_count, "errors": errors}
 
 
 def _claim_full(pipeline: Pipeline, now: datetime, every: timedelta) -> bool:
@@ -964,7 +986,13 @@ def explain_step(step: ReductionStep, sub_group_key: str | None = None) -> str:
             f"{location}); that location's trigger manager evaluates it."
         )
     upstream = dict(_ordered_steps(pipeline)).get(step, [])
-    groups = package_sub_groups(pipeline_packages(pipeline), list(step.group_by or []))
+    try:
+        groups = package_sub_groups(pipeline_packages(pipeline), list(step.group_by or []))
+    except ValidationError as exc:
+        return (
+            f"{label}: grouping {pipeline.data_grouping.name} or the step's group_by is invalid, "
+            f"so no run can be made: {'; '.join(exc.messages)}."
+        )
     if sub_group_key is not None:
         if sub_group_key not in groups:
             return (

@@ -54,7 +54,7 @@ def test_behaviour_01_a_disabled_pipeline_never_gets_new_runs() -> None:
     off = pipeline(enabled=False)
     calibrate = step(off)
     archived()
-    assert tick() == {"created": 0, "full": 0}
+    assert tick() == {"created": 0, "full": 0, "errors": 0}
     assert pipeline_evaluate(off, full=True) == []
     with pytest.raises(TriggerError, match="disabled"):
         pipeline_trigger(off)
@@ -249,7 +249,7 @@ def test_an_integrity_error_from_a_racing_manager_never_leaves_the_tick() -> Non
     ExecutedReductionStepFactory(reduction_step=calibrate, sub_group_key="all")
     # The caller's transaction stays usable: the failed insert rolled back to its savepoint.
     with mock.patch.object(triggers, "_runs_by_key", return_value={}), transaction.atomic():
-        assert tick() == {"created": 0, "full": 1}
+        assert tick() == {"created": 0, "full": 1, "errors": 0}
         assert ExecutedReductionStep.objects.count() == 1
     assert len(runs_of(calibrate)) == 1
 
@@ -411,3 +411,19 @@ def test_runs_get_the_version_their_step_policy_resolves() -> None:
     assert runs_of(compatible)[0].software_version.version == "1.10.0"
     assert runs_of(pinned)[0].software_version == reference
     assert runs_of(latest)[0].software_version.version == "2.0.0"
+
+
+def test_a_pipeline_whose_evaluation_fails_does_not_stop_the_others(caplog) -> None:
+    broken = pipeline(priority=9)
+    type(broken.data_grouping).objects.filter(pk=broken.data_grouping_id).update(
+        filter_rules=[{"table": "Nope", "column": "x", "operator": "eq", "value": 1}]
+    )  # edited around validation
+    step(broken)
+    fine = step(pipeline(priority=1))
+    archived()
+    assert tick() == {"created": 1, "full": 1, "errors": 1}
+    assert len(runs_of(fine)) == 1
+    assert f"evaluating pipeline {broken.name} failed" in caplog.text
+    broken.refresh_from_db()
+    assert broken.trigger_watermark is None  # looked at again next tick
+    assert "is invalid, so no run can be made" in triggers.explain_step(broken.steps.get())

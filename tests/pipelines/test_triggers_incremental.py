@@ -35,12 +35,12 @@ def test_the_first_evaluation_is_full_and_later_ones_incremental() -> None:
     calibrate = step(p)
     archived()
     start = timezone.now()
-    assert tick(start) == {"created": 1, "full": 1}
+    assert tick(start) == {"created": 1, "full": 1, "errors": 0}
     p.refresh_from_db()
     assert p.full_evaluation_at == start
     assert p.trigger_watermark == start - triggers.WATERMARK_LAG
     archived(at=start + timedelta(seconds=30))
-    assert tick(start + timedelta(seconds=40)) == {"created": 1, "full": 0}
+    assert tick(start + timedelta(seconds=40)) == {"created": 1, "full": 0, "errors": 0}
     assert len(runs_of(calibrate)) == 2
 
 
@@ -53,10 +53,10 @@ def test_an_incremental_tick_only_sees_packages_archived_after_the_watermark(set
     # Archived long before the watermark (its transaction committed late, say): the increments
     # cannot see it ...
     archived(at=start - timedelta(hours=1))
-    assert tick(start + timedelta(minutes=5)) == {"created": 0, "full": 0}
+    assert tick(start + timedelta(minutes=5)) == {"created": 0, "full": 0, "errors": 0}
     assert runs_of(calibrate) == []
     # ... the full re-evaluation, once its interval passed, does.
-    assert tick(start + timedelta(hours=1, seconds=1)) == {"created": 1, "full": 1}
+    assert tick(start + timedelta(hours=1, seconds=1)) == {"created": 1, "full": 1, "errors": 0}
     assert len(runs_of(calibrate)) == 1
 
 
@@ -67,7 +67,7 @@ def test_an_incremental_tick_without_changes_costs_a_few_queries_whatever_the_pi
         archived(at=start - timedelta(minutes=5))
     tick(start)
     with CaptureQueriesContext(connection) as few:
-        assert tick(start + timedelta(seconds=10)) == {"created": 0, "full": 0}
+        assert tick(start + timedelta(seconds=10)) == {"created": 0, "full": 0, "errors": 0}
     # processing location, served pipelines, their steps and dependencies, new packages,
     # finished runs, one per distinct cooldown (2), one watermark UPDATE: nothing per grouping
     # when nothing changed.
@@ -85,7 +85,7 @@ def test_an_upstream_run_completing_brings_its_downstream_sub_group_back() -> No
     (run,) = runs_of(calibrate)
     assert tick(start + timedelta(seconds=5))["created"] == 0
     finish(run, RunStatus.COMPLETED)
-    assert tick(start + timedelta(seconds=10)) == {"created": 1, "full": 0}
+    assert tick(start + timedelta(seconds=10)) == {"created": 1, "full": 0, "errors": 0}
     (downstream,) = runs_of(baseline)
     assert downstream.sub_group_key == run.sub_group_key
 
@@ -192,5 +192,5 @@ def test_the_trigger_manager_is_registered_and_scheduled(settings) -> None:
     p = pipeline()
     calibrate = step(p)
     package = archived()
-    assert run_trigger_manager() == {"created": 1, "full": 1}
+    assert run_trigger_manager() == {"created": 1, "full": 1, "errors": 0}
     assert inputs(runs_of(calibrate)[0]) == {package.pk}
