@@ -91,7 +91,20 @@ FAILED_STATE_WORDS = {
 # find programs and SLURM's config; not the worker's database URL, broker password or cloud
 # keys. JobSpec.env is exported by the script itself.
 INHERITED_ENV = frozenset(
-    {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "TZ", "TMPDIR", "SLURM_CONF"}
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "SHELL",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "VIRTUAL_ENV",
+        "PYTHONPATH",
+        "SLURM_CONF",
+    }
 )
 INHERITED_ENV_PREFIXES = ("LC_", "APPTAINER_", "SINGULARITY_")
 
