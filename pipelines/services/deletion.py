@@ -51,7 +51,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import transaction
-from django.db.models import Exists, F, OuterRef, Q
+from django.db.models import DateTimeField, Exists, ExpressionWrapper, F, OuterRef, Q, Value
 from django.utils import timezone
 
 from pipelines.faults import pause_point
@@ -69,6 +69,7 @@ from pipelines.models import (
     RawDataPackage,
     RunStatus,
     StagingJob,
+    StateEvent,
     Status,
 )
 from pipelines.models.workflow import ACTIVE_RUN_STATUSES
@@ -203,12 +204,8 @@ class _Context:
     archive_transfers: dict[int, list[dict[str, Any]]] = field(
         default_factory=lambda: defaultdict(list)
     )
-    repairs_by_package: dict[int, int] = field(default_factory=dict)
-    repairs_by_bundle: dict[int, int] = field(default_factory=dict)
-    repairs_by_copy: dict[int, int] = field(default_factory=dict)
     onward: set[tuple[int, int]] = field(default_factory=set)
     package_copies_here: set[tuple[int, int]] = field(default_factory=set)
-    live_tasks: dict[int, int] = field(default_factory=dict)
 
 
 class _Judge:
@@ -229,11 +226,37 @@ class _Judge:
         for loc in self.locations.values():
             if loc.location_type == LT.LONG_TERM_ARCHIVE and loc.active:
                 self.archives_by_site[loc.site_id].append(loc)
+        # Live repairs and live deletion tasks are few (bounded by what the managers claim),
+        # so they are read once per judge rather than once per chunk.
+        self.repairs_by_package: dict[int, int] = {}
+        self.repairs_by_bundle: dict[int, int] = {}
+        self.repairs_by_copy: dict[int, int] = {}
+        for rid, copy_id, source_id, pkg_id, file_pkg, bundle in CopyRepair.objects.filter(
+            status__in=LIVE
+        ).values_list(
+            "id",
+            "physical_copy_id",
+            "source_copy_id",
+            "physical_copy__raw_data_package_id",
+            "physical_copy__raw_data_file__raw_data_package_id",
+            "physical_copy__data_transfer_package_id",
+        ):
+            for package_id in (pkg_id, file_pkg):
+                if package_id:
+                    self.repairs_by_package[package_id] = rid
+            if bundle:
+                self.repairs_by_bundle[bundle] = rid
+            self.repairs_by_copy[copy_id] = rid
+            if source_id:
+                self.repairs_by_copy[source_id] = rid
+        tasks = DeletionTask.objects.filter(status__in=LIVE)
+        if for_task is not None:
+            tasks = tasks.exclude(pk=for_task)
+        self.live_tasks: dict[int, int] = dict(tasks.values_list("physical_copy_id", "id"))
 
     # -- loading ----------------------------------------------------------------------------
     def load(self, rows: list[_Row]) -> _Context:
         ctx = _Context()
-        copy_ids = [r.id for r in rows]
         direct = {r.raw_data_package_id for r in rows if r.raw_data_package_id}
         direct |= {r.file_package_id for r in rows if r.file_package_id}
         bundle_ids = {r.data_transfer_package_id for r in rows if r.data_transfer_package_id}
@@ -352,33 +375,6 @@ class _Judge:
                     .exclude(status=CS.DELETED)
                     .values_list("raw_data_package_id", "location_id")
                 )
-        repairs = CopyRepair.objects.filter(status__in=LIVE).filter(
-            Q(physical_copy__raw_data_package_id__in=package_ids)
-            | Q(physical_copy__raw_data_file__raw_data_package_id__in=package_ids)
-            | Q(physical_copy__data_transfer_package_id__in=bundle_ids)
-            | Q(physical_copy_id__in=copy_ids)
-            | Q(source_copy_id__in=copy_ids)
-        )
-        for rid, copy_id, source_id, pkg_id, file_pkg, bundle in repairs.values_list(
-            "id",
-            "physical_copy_id",
-            "source_copy_id",
-            "physical_copy__raw_data_package_id",
-            "physical_copy__raw_data_file__raw_data_package_id",
-            "physical_copy__data_transfer_package_id",
-        ):
-            for package_id in (pkg_id, file_pkg):
-                if package_id:
-                    ctx.repairs_by_package[package_id] = rid
-            if bundle:
-                ctx.repairs_by_bundle[bundle] = rid
-            ctx.repairs_by_copy[copy_id] = rid
-            if source_id:
-                ctx.repairs_by_copy[source_id] = rid
-        tasks = DeletionTask.objects.filter(physical_copy_id__in=copy_ids, status__in=LIVE)
-        if self.for_task is not None:
-            tasks = tasks.exclude(pk=self.for_task)
-        ctx.live_tasks = dict(tasks.values_list("physical_copy_id", "id"))
         return ctx
 
     def judge(self, rows: list[_Row]) -> list[Verdict]:
@@ -444,7 +440,7 @@ class _Judge:
                 "status",
                 f"the copy is {CS(row.status).label.lower()}, not a deletion candidate",
             )
-        task = ctx.live_tasks.get(row.id)
+        task = self.live_tasks.get(row.id)
         if task is not None:
             return Verdict(False, "status", f"deletion task {task} for it is already live")
         if (
@@ -548,17 +544,17 @@ class _Judge:
         def used(why: str) -> Verdict:
             return Verdict(False, "in_use", why)
 
-        if row.id in ctx.repairs_by_copy:
-            return used(f"copy repair {ctx.repairs_by_copy[row.id]} uses this copy")
-        if row.data_transfer_package_id in ctx.repairs_by_bundle:
+        if row.id in self.repairs_by_copy:
+            return used(f"copy repair {self.repairs_by_copy[row.id]} uses this copy")
+        if row.data_transfer_package_id in self.repairs_by_bundle:
             return used(
-                f"copy repair {ctx.repairs_by_bundle[row.data_transfer_package_id]} of this "
+                f"copy repair {self.repairs_by_bundle[row.data_transfer_package_id]} of this "
                 "bundle is live"
             )
         for pkg in packages:
-            if pkg.id in ctx.repairs_by_package:
+            if pkg.id in self.repairs_by_package:
                 return used(
-                    f"copy repair {ctx.repairs_by_package[pkg.id]} of package {pkg.name} is live"
+                    f"copy repair {self.repairs_by_package[pkg.id]} of package {pkg.name} is live"
                 )
             for s in ctx.staging.get(pkg.id, []):
                 if s["stagingjob__active"] and s["stagingjob__destination_location_id"] == here:
@@ -767,22 +763,41 @@ def _object_names(rows: list[_Row]) -> dict[int, str]:
 
 # --- the manager ---------------------------------------------------------------------------------
 def _candidates(loc: DataLocation, now: datetime) -> Any:
-    """Copies at ``loc`` the rules may let go, narrowed in SQL by the cheap rules (state,
-    kind, archived, retention passed) so a tick does not judge copies that cannot go yet."""
+    """Copies at ``loc`` the rules may let go, narrowed in SQL by the cheap necessary
+    conditions (a candidate state and kind; the package ARCHIVED, its retention here passed and
+    at least one verified archive copy within its interval), so a tick does not judge copies
+    that cannot go yet. The rules decide; this only skips what they would keep anyway."""
     copies = PhysicalCopy.objects.filter(location=loc, status__in=CANDIDATE_STATES).exclude(
         kind=KIND.DATA_PRODUCT
     )
     if loc.location_type == LT.LONG_TERM_ARCHIVE:
         return copies.filter(kind=KIND.DATA_TRANSFER_PACKAGE)
     released = now - loc.retention_period
+    fresh_since = ExpressionWrapper(
+        Value(now) - F("location__verification_interval"), output_field=DateTimeField()
+    )
+
+    def verified_archive_copy(package: str) -> Exists:
+        return Exists(
+            PhysicalCopy.objects.filter(
+                raw_data_package_id=OuterRef(package),
+                location__location_type=LT.LONG_TERM_ARCHIVE,
+                status=CS.PRESENT,
+                integrity=PhysicalCopy.Integrity.VERIFIED,
+                checksum_verified_at__gte=fresh_since,
+            )
+        )
+
     return copies.filter(
         Q(kind=KIND.DATA_TRANSFER_PACKAGE)
         | Q(
+            verified_archive_copy("raw_data_package_id"),
             kind=KIND.RAW_DATA_PACKAGE,
             raw_data_package__state=PackageState.ARCHIVED,
             raw_data_package__archived_at__lte=released,
         )
         | Q(
+            verified_archive_copy("raw_data_file__raw_data_package_id"),
             kind=KIND.RAW_DATA_FILE,
             raw_data_file__raw_data_package__state=PackageState.ARCHIVED,
             raw_data_file__raw_data_package__archived_at__lte=released,
@@ -843,37 +858,55 @@ def _lock_order(copy: PhysicalCopy, file_packages: dict[int, int | None]) -> tup
 
 
 def _schedule(rows: list[_Row], *, now: datetime, actor: str) -> int:
-    """In one transaction: lock the objects of ``rows``' copies, judge them again as they are
-    now, and move each that may still go to DELETION_SCHEDULED (DELETION_FAILED ones too: the
-    retry) with its reason, creating its pending DeletionTask. Returns how many were scheduled."""
+    """In one transaction: lock the objects of ``rows``' copies (each object once, in a fixed
+    order), judge the copies again as they are now, and move each that may still go to
+    DELETION_SCHEDULED (DELETION_FAILED ones too: the retry) with its reason, creating its
+    pending DeletionTask. Returns how many were scheduled."""
     file_packages = {r.id: r.file_package_id for r in rows}
     with transaction.atomic():
         copies = sorted(
             PhysicalCopy.objects.filter(pk__in=[r.id for r in rows]),
             key=lambda c: _lock_order(c, file_packages),
         )
+        locked: set[tuple[int, Any]] = set()
         for copy in copies:
-            copy_lock_object(copy)
+            key = _lock_order(copy, file_packages)
+            if key not in locked:
+                copy_lock_object(copy)
+                locked.add(key)
         fresh = _rows(PhysicalCopy.objects.filter(pk__in=[c.pk for c in copies]).order_by("pk"))
-        verdicts = dict(zip([r.id for r in fresh], _Judge(now).judge(fresh), strict=True))
-        made = 0
+        judged = dict(zip([r.id for r in fresh], _Judge(now).judge(fresh), strict=True))
+        status = {r.id: r.status for r in fresh}
+        tasks: list[DeletionTask] = []
         for copy in copies:
-            copy.refresh_from_db(fields=["status"])
-            verdict = verdicts[copy.pk]
+            verdict = judged[copy.pk]
             if not verdict.deletable:
                 continue
-            retry = copy.status == CS.DELETION_FAILED
+            retry = status[copy.pk] == CS.DELETION_FAILED
             transition(
                 copy,
                 CS.DELETION_SCHEDULED,
                 actor=actor,
+                expected=status[copy.pk],
                 reason=f"{'deletion retried' if retry else 'deletion scheduled'}: {verdict.reason}",
                 updates={"deletion_reason": verdict.reason},
             )
-            task = DeletionTask.objects.create(physical_copy=copy, reason=verdict.reason)
-            record_creation(task, actor=actor, reason=verdict.reason)
-            made += 1
-    return made
+            tasks.append(DeletionTask(physical_copy=copy, reason=verdict.reason))
+        # One INSERT for the tasks and one for their creation events.
+        DeletionTask.objects.bulk_create(tasks)
+        StateEvent.objects.bulk_create(
+            StateEvent(
+                entity=DeletionTask._meta.db_table,
+                object_id=str(task.pk),
+                field="status",
+                from_state="",
+                to_state=Status.PENDING,
+                actor=actor,
+                reason=task.reason,
+            )
+            for task in tasks
+        )
+    return len(tasks)
 
 
 def deletion_orphans_settle(*, actor: str, limit: int = 500) -> int:
