@@ -20,8 +20,9 @@ no ``submitted.json`` -> failed "unknown job"; alive lock held -> running (pendi
 ``job.json`` exists); otherwise failed "cancelled" when a cancel was requested, else "lost".
 Limits: the host that reads a job's status must be the host that runs it (flock), and
 ``memory_gb``/``cpu`` are not enforced (``time_hours`` is, by the wrapper). A job leaves the
-worker's session but not its cgroup: under systemd, run the worker with ``KillMode=mixed`` (or
-``process``) or a restart of the unit kills its jobs too (they are then reported "lost").
+worker's session but not its cgroup: under systemd, run the worker with ``KillMode=process``
+(``mixed`` still SIGKILLs the rest of the cgroup at the end of a stop), or a restart of the unit
+kills its jobs too (they are then reported "lost").
 """
 
 from __future__ import annotations
