@@ -196,14 +196,18 @@ _last_failure: dict[int, float] = {}
 def disk_monitor_tick(*, owner: str, now: datetime | None = None) -> dict[str, int]:
     """The disk monitor manager: measure every active disk and S3 location whose last
     measurement is older than about ``WORKFLOW_DISK_MONITOR_INTERVAL`` (nine tenths of it, so a
-    beat that fires a little early still measures). Returns counts: ``measured``,
-    ``stopped_writes`` and ``resumed_writes`` (locations whose ``accepting_writes`` flipped) and
-    ``failed`` (locations that could not be measured; logged, each retried after an interval).
-    Safe to run twice: a second run within the interval measures nothing."""
+    beat that fires a little early still measures). Returns counts: ``stopped_writes`` and
+    ``resumed_writes`` (locations whose ``accepting_writes`` flipped) and ``failed`` (locations
+    that could not be measured; logged, each retried after an interval). A measurement that
+    changes nothing is not counted (it is logged, and kept in ``DataLocationUsage``): the
+    runner's ``--until-idle`` reads any non-zero count as work found, and a routine measurement
+    must not keep a drained facility busy. Safe to run twice: a second run within the interval
+    measures nothing."""
     now = now or timezone.now()
     interval = settings.WORKFLOW_DISK_MONITOR_INTERVAL
     due_before = now - timedelta(seconds=interval * 0.9)
-    counts = {"measured": 0, "stopped_writes": 0, "resumed_writes": 0, "failed": 0}
+    counts = {"stopped_writes": 0, "resumed_writes": 0, "failed": 0}
+    measured = 0
     locations = DataLocation.objects.filter(active=True, storage_type__in=MEASURABLE)
     locations = locations.select_related("site")
     for location in locations.order_by("pk"):
@@ -221,9 +225,11 @@ def disk_monitor_tick(*, owner: str, now: datetime | None = None) -> dict[str, i
             counts["failed"] += 1
             continue
         _last_failure.pop(location.pk, None)
-        counts["measured"] += 1
+        measured += 1
         if before and not location.accepting_writes:
             counts["stopped_writes"] += 1
         elif not before and location.accepting_writes:
             counts["resumed_writes"] += 1
+    if measured:
+        log.info("disk monitor (%s): measured %d location(s)", owner, measured)
     return counts
