@@ -320,3 +320,80 @@ def test_xxh3_checksums_are_verified_too(tmp_path: Path) -> None:
     assert _main(run_dir) == 0
     metrics = json.loads((run_dir / "output" / "qa" / "metrics.json").read_text())
     assert metrics["modules"]["LFA"]["dumps"] == 2 * 8192 // 2 // 256
+
+
+def test_channels_with_abnormal_scatter_are_flagged(tmp_path: Path) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    counts = rng.integers(30000, 35000, size=(200, 256), dtype=np.uint16)
+    counts[:, 10] = np.where(np.arange(200) % 2, 0, 65535)  # a channel that jumps rail to rail
+    counts[:, 20] = 32768  # a dead channel: no scatter at all
+    path = tmp_path / "input" / "scan" / "lfa_0000.fits"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(counts.astype("<u2").tobytes())
+    entry = {
+        "path": "scan/lfa_0000.fits",
+        "checksum": _sha256(path),
+        "checksum_algorithm": "sha256",
+        "module": "LFA",
+    }
+    _write_manifest(tmp_path, {"inputs": [entry], "parameters": {"baseline_order": 0}})
+
+    assert _main(tmp_path) == 0
+
+    metrics = json.loads((tmp_path / "output" / "qa" / "metrics.json").read_text())
+    assert metrics["modules"]["LFA"]["flagged_channels"] == [10, 20]
+    rows = (tmp_path / "output" / "science" / "calibrated_LFA.csv").read_text().splitlines()
+    assert rows[-256 + 10].endswith(",1") and rows[-256 + 11].endswith(",0")
+
+
+def _combine_manifest(tmp_path: Path, spectra: dict[str, str]) -> list[dict[str, Any]]:
+    entries = []
+    for name, text in spectra.items():
+        relative = f"products/calibrate/{name}/science/calibrated_LFA.csv"
+        path = tmp_path / "input" / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        entries.append(
+            {
+                "path": relative,
+                "checksum": _sha256(path),
+                "checksum_algorithm": "sha256",
+                "product_type": "INTERMEDIATE",
+            }
+        )
+    return entries
+
+
+def _spectrum_text(channels: int, noise: float = 1.0) -> str:
+    rows = [f"{c},{(-1) ** c * noise:.3f},{noise},0" for c in range(channels)]
+    return "# module: LFA\n# dumps: 10\nchannel,intensity_k,noise_k,flagged\n" + "\n".join(rows)
+
+
+def test_combine_refuses_spectra_with_different_channel_counts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    entries = _combine_manifest(tmp_path, {"1": _spectrum_text(256), "2": _spectrum_text(128)})
+    _write_manifest(tmp_path, {"upstream_products": entries})
+
+    assert _main(tmp_path, "combine") == 4
+    assert "different channel counts" in capsys.readouterr().err
+
+
+def test_combine_weights_by_inverse_variance_and_names_a_corrupted_product(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    entries = _combine_manifest(
+        tmp_path, {"1": _spectrum_text(64, noise=1.0), "2": _spectrum_text(64, noise=3.0)}
+    )
+    _write_manifest(tmp_path, {"upstream_products": entries})
+
+    assert _main(tmp_path, "combine") == 0
+    metrics = json.loads((tmp_path / "output" / "qa" / "metrics.json").read_text())
+    # 1/sqrt(1/1 + 1/9): the noisier input counts nine times less.
+    assert metrics["modules"]["LFA"]["median_noise_k"] == pytest.approx(0.9487, abs=1e-3)
+
+    (tmp_path / "input" / entries[1]["path"]).write_text(_spectrum_text(64, noise=0.1))
+    assert _main(tmp_path, "combine") == 3
+    assert f"corrupted input {entries[1]['path']}" in capsys.readouterr().err
