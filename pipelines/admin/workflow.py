@@ -66,10 +66,35 @@ class ReductionStepConfigAdmin(OpsModelAdmin):
     change_readonly_fields = ("parameters",)
 
 
+def _filter_rules_help() -> str:
+    from pipelines.grouping import OPERATORS, TABLES
+
+    return (
+        'A list of rules, all of which a package must match, e.g. [{"table": "Source", '
+        '"column": "name", "operator": "eq", "value": "NGC253"}, {"table": "RawDataPackage", '
+        '"column": "metadata", "json_path": "observation.frequency_ghz", "operator": "gt", '
+        f'"value": 400}}]. Tables: {", ".join(TABLES)}. Operators: {", ".join(OPERATORS)} '
+        "(like: % and _, case-sensitive). [] selects every package."
+    )
+
+
+class DataGroupingForm(forms.ModelForm):
+    class Meta:
+        model = DataGrouping
+        fields = ("name", "description", "filter_rules", "instrument_module")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if "filter_rules" in self.fields:
+            self.fields["filter_rules"].help_text = _filter_rules_help()
+
+
 @admin.register(DataGrouping)
 class DataGroupingAdmin(OpsModelAdmin):
     """Groupings. ``DataGrouping.clean`` refuses invalid rules naming the rule; the change page
     previews what the rules select (grouping topic: pipelines/grouping.py)."""
+
+    form = DataGroupingForm
 
     list_display = ("name", "instrument_module", "updated_at")
     list_filter = ("instrument_module__instrument",)

@@ -449,6 +449,7 @@ def test_the_admin_add_form_refuses_invalid_rules_and_saves_nothing(
     )
 
     assert "rule 1 (Source.nme eq 'NGC253'): unknown column 'nme'" in form_errors(response)
+    assert "Tables: RawDataPackage, ExecutedObsUnit" in response.content.decode()  # the help
     assert not DataGrouping.objects.exists()
 
     rules[0]["column"] = "name"
