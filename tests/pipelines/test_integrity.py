@@ -255,6 +255,32 @@ def test_a_mark_waits_for_the_package_lock_held_by_a_deletion_style_move(
     assert good.integrity == I.MISMATCH
 
 
+@pytest.mark.django_db(transaction=True)
+def test_two_marks_of_one_copy_at_once_move_it_once_and_schedule_one_repair(
+    require_postgres: None, tmp_path: Path
+) -> None:
+    copy = package_copy(tmp_path, integrity=I.VERIFIED)
+    barrier = threading.Barrier(2)
+    results: list[bool] = []
+
+    def mark(integrity: str) -> None:
+        try:
+            barrier.wait(10)
+            mine = PhysicalCopy.objects.get(pk=copy.pk)
+            results.append(copy_mark_damaged(mine, integrity, actor="t", reason=integrity))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=mark, args=(I.MISSING,)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert sorted(results) == [False, True]
+    assert CopyRepair.objects.filter(physical_copy=copy).count() == 1
+    assert events(copy) == [("verified", "missing")]
+
+
 # --- the manager's claim -------------------------------------------------------------------------
 @pytest.mark.django_db
 def test_due_copies_are_unverified_or_past_their_locations_interval(tmp_path: Path) -> None:
