@@ -52,6 +52,12 @@ def test_it_prints_the_count_of_each_sub_group_and_a_total(chai: DataGrouping) -
     assert lines[-1] == "chai-archived: 6 packages in 4 sub-groups"
 
 
+def test_group_by_may_be_repeated(chai: DataGrouping) -> None:
+    assert run("chai-archived", "--group-by", "source", "--group-by", "instrument_module") == (
+        run("chai-archived", "--group-by", "source", "instrument_module")
+    )
+
+
 def test_without_group_by_everything_is_one_sub_group(chai: DataGrouping) -> None:
     assert run("chai-archived").splitlines() == [
         "all         6",

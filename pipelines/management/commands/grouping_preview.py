@@ -23,10 +23,11 @@ class Command(BaseCommand):
         parser.add_argument("grouping", help="the data grouping's name")
         parser.add_argument(
             "--group-by",
+            action="extend",
             nargs="+",
             default=[],
             metavar="KEY",
-            help="dimensions to split by, in order (e.g. --group-by source line)",
+            help="dimensions to split by, in order (--group-by source line, or repeated)",
         )
         parser.add_argument(
             "--json", action="store_true", help='print [{"key", "values", "count"}] as JSON'
