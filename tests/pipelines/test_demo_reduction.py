@@ -270,6 +270,7 @@ def test_a_missing_input_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[
         (lambda m: m.update(parameters={"channels": "many"}), "calibrate", "'channels'"),
         (lambda m: m.update(parameters={"baseline_order": 99}), "calibrate", "'baseline_order'"),
         (lambda m: m.update(schema=2), "calibrate", "schema 2"),
+        (lambda m: m.update(parameters={"weighting": "median"}), "combine", "'weighting'"),
     ],
 )
 def test_a_malformed_manifest_is_refused_by_name(
@@ -322,13 +323,14 @@ def test_xxh3_checksums_are_verified_too(tmp_path: Path) -> None:
     assert metrics["modules"]["LFA"]["dumps"] == 2 * 8192 // 2 // 256
 
 
-def test_channels_with_abnormal_scatter_are_flagged(tmp_path: Path) -> None:
+def test_channels_with_abnormal_scatter_and_spikes_are_flagged(tmp_path: Path) -> None:
     import numpy as np
 
     rng = np.random.default_rng(3)
     counts = rng.integers(30000, 35000, size=(200, 256), dtype=np.uint16)
     counts[:, 10] = np.where(np.arange(200) % 2, 0, 65535)  # a channel that jumps rail to rail
     counts[:, 20] = 32768  # a dead channel: no scatter at all
+    counts[:, 100] += 2000  # a spike: normal scatter, far too bright
     path = tmp_path / "input" / "scan" / "lfa_0000.fits"
     path.parent.mkdir(parents=True)
     path.write_bytes(counts.astype("<u2").tobytes())
@@ -341,9 +343,14 @@ def test_channels_with_abnormal_scatter_are_flagged(tmp_path: Path) -> None:
     _write_manifest(tmp_path, {"inputs": [entry], "parameters": {"baseline_order": 0}})
 
     assert _main(tmp_path) == 0
-
     metrics = json.loads((tmp_path / "output" / "qa" / "metrics.json").read_text())
     assert metrics["modules"]["LFA"]["flagged_channels"] == [10, 20]
+
+    parameters = {"baseline_order": 0, "despike_sigma": 5.0}
+    _write_manifest(tmp_path, {"inputs": [entry], "parameters": parameters})
+    assert _main(tmp_path) == 0
+    metrics = json.loads((tmp_path / "output" / "qa" / "metrics.json").read_text())
+    assert metrics["modules"]["LFA"]["flagged_channels"] == [10, 20, 100]
     rows = (tmp_path / "output" / "science" / "calibrated_LFA.csv").read_text().splitlines()
     assert rows[-256 + 10].endswith(",1") and rows[-256 + 11].endswith(",0")
 
@@ -393,6 +400,14 @@ def test_combine_weights_by_inverse_variance_and_names_a_corrupted_product(
     metrics = json.loads((tmp_path / "output" / "qa" / "metrics.json").read_text())
     # 1/sqrt(1/1 + 1/9): the noisier input counts nine times less.
     assert metrics["modules"]["LFA"]["median_noise_k"] == pytest.approx(0.9487, abs=1e-3)
+
+    _write_manifest(
+        tmp_path, {"upstream_products": entries, "parameters": {"weighting": "uniform"}}
+    )
+    assert _main(tmp_path, "combine") == 0
+    metrics = json.loads((tmp_path / "output" / "qa" / "metrics.json").read_text())
+    # sqrt(1 + 9) / 2: equal weights let the noisier input through.
+    assert metrics["modules"]["LFA"]["median_noise_k"] == pytest.approx(1.5811, abs=1e-3)
 
     (tmp_path / "input" / entries[1]["path"]).write_text(_spectrum_text(64, noise=0.1))
     assert _main(tmp_path, "combine") == 3

@@ -23,29 +23,42 @@ class DataError(ValueError):
     """Data that cannot be reduced (a file shorter than one dump, channel counts that differ)."""
 
 
+WEIGHTINGS = ("inverse_variance", "uniform")
+
+
 @dataclass(frozen=True)
 class Parameters:
-    """Step parameters the program understands (the manifest's ``parameters``)."""
+    """Step parameters the program understands (the manifest's ``parameters``).
+
+    ``flag_sigma``: a channel whose scatter between dumps lies this many robust deviations from
+    the median scatter is flagged (a dead or unstable channel). ``despike_sigma`` (off unless
+    given): after the baseline, a channel further than this many times its noise from zero is
+    flagged as a spike. ``weighting`` (combine): ``inverse_variance`` or ``uniform``.
+    """
 
     channels: int = 256
     counts_offset: float = 32768.0
     kelvin_per_count: float = 0.01
     baseline_order: int = 1
     flag_sigma: float = 5.0
+    despike_sigma: float | None = None
+    weighting: str = "inverse_variance"
 
     @classmethod
     def from_manifest(cls, values: dict[str, object]) -> tuple[Parameters, list[str]]:
         """Parameters from the manifest, and the names it holds that this program ignores.
-        Raises ValueError naming a parameter of the wrong type or out of range."""
-        known = {
+        Raises ValueError naming a parameter of the wrong type, out of range or not one of
+        its choices."""
+        numbers = {
             "channels": (int, 8, 65536),
             "counts_offset": (float, 0.0, 65535.0),
             "kelvin_per_count": (float, 1e-9, 1e6),
             "baseline_order": (int, 0, 8),
             "flag_sigma": (float, 1.0, 1000.0),
+            "despike_sigma": (float, 1.0, 1000.0),
         }
         chosen: dict[str, object] = {}
-        for name, (kind, low, high) in known.items():
+        for name, (kind, low, high) in numbers.items():
             if name not in values:
                 continue
             value = values[name]
@@ -56,7 +69,14 @@ class Parameters:
             if not low <= value <= high:
                 raise ValueError(f"parameter {name!r} = {value!r} is outside {low:g} .. {high:g}")
             chosen[name] = kind(value)
-        ignored = sorted(set(values) - set(known))
+        if "weighting" in values:
+            if values["weighting"] not in WEIGHTINGS:
+                raise ValueError(
+                    f"parameter 'weighting' = {values['weighting']!r} is not one of "
+                    f"{', '.join(WEIGHTINGS)}"
+                )
+            chosen["weighting"] = values["weighting"]
+        ignored = sorted(set(values) - set(numbers) - {"weighting"})
         return cls(**chosen), ignored  # type: ignore[arg-type]
 
 
@@ -118,6 +138,12 @@ def calibrate(module: str, instrument: str, paths: list[Path], parameters: Param
     noise = scatter / np.sqrt(n_dumps)
     flagged = _outliers(scatter, parameters.flag_sigma)
     intensity = mean - _baseline(mean, flagged, parameters.baseline_order)
+    if parameters.despike_sigma is not None:
+        spikes = np.abs(intensity) > parameters.despike_sigma * np.where(noise > 0, noise, np.inf)
+        if spikes.any():
+            # Refit without the spikes, so one bright channel does not tilt the baseline.
+            flagged = flagged | spikes
+            intensity = mean - _baseline(mean, flagged, parameters.baseline_order)
     return Spectrum(
         module=module,
         instrument=instrument,
@@ -130,9 +156,10 @@ def calibrate(module: str, instrument: str, paths: list[Path], parameters: Param
 
 
 def combine(module: str, spectra: list[Spectrum], parameters: Parameters) -> Spectrum:
-    """Inverse-variance weighted mean of one module's spectra, channel by channel. A channel
-    flagged in one input gets no weight from it; flagged in all, it stays flagged. Raises
-    DataError when the inputs have different numbers of channels."""
+    """Weighted mean of one module's spectra, channel by channel (``parameters.weighting``:
+    inverse variance, or uniform), with the noise propagated. A channel flagged in one input
+    gets no weight from it; flagged in all, it stays flagged. Raises DataError when the inputs
+    have different numbers of channels."""
     sizes = {s.channels for s in spectra}
     if len(sizes) != 1:
         listed = ", ".join(f"{s.sources[0] if s.sources else '?'}: {s.channels}" for s in spectra)
@@ -140,12 +167,18 @@ def combine(module: str, spectra: list[Spectrum], parameters: Parameters) -> Spe
     intensity = np.stack([s.intensity for s in spectra])
     noise = np.stack([s.noise for s in spectra])
     usable = ~np.stack([s.flagged for s in spectra]) & (noise > 0) & np.isfinite(noise)
-    weights = np.where(usable, 1.0 / np.where(usable, noise, 1.0) ** 2, 0.0)
+    variance = np.where(usable, noise, 1.0) ** 2
+    if parameters.weighting == "uniform":
+        weights = usable.astype(np.float64)
+    else:
+        weights = np.where(usable, 1.0 / variance, 0.0)
     total = weights.sum(axis=0)
     flagged = total == 0
     safe_total = np.where(flagged, 1.0, total)
     combined = (weights * intensity).sum(axis=0) / safe_total
-    combined_noise = np.where(flagged, 0.0, 1.0 / np.sqrt(safe_total))
+    # Noise of a weighted mean of independent inputs: sqrt(sum(w^2 sigma^2)) / sum(w).
+    propagated = np.sqrt((weights**2 * np.where(usable, variance, 0.0)).sum(axis=0))
+    combined_noise = np.where(flagged, 0.0, propagated / safe_total)
     combined = combined - _baseline(combined, flagged, parameters.baseline_order)
     return Spectrum(
         module=module,
