@@ -13,6 +13,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -412,3 +413,39 @@ def test_combine_weights_by_inverse_variance_and_names_a_corrupted_product(
     (tmp_path / "input" / entries[1]["path"]).write_text(_spectrum_text(64, noise=0.1))
     assert _main(tmp_path, "combine") == 3
     assert f"corrupted input {entries[1]['path']}" in capsys.readouterr().err
+
+
+def test_the_local_backend_runs_the_demo_reduction_under_the_contract(tmp_path: Path) -> None:
+    # The three pieces together, as the workflow-manager uses them: run layout and manifest,
+    # the command for runtime "none", a detached job on the local backend.
+    from pipelines.backends.base import JobSpec
+    from pipelines.backends.local import LocalBackend
+    from pipelines.containers import build_command, make_run_dirs, run_layout, write_manifest
+
+    layout = run_layout(tmp_path / "processing", 7, "source=NGC253", 41, 1)
+    make_run_dirs(layout, step_name="calibrate")
+    _staged, entries = _synthetic_run(layout.run_dir, files=2, size=65536)
+    write_manifest(layout, {"run_id": 41, "step": "calibrate", "inputs": entries})
+    argv, env = build_command(
+        runtime="none",
+        image="",
+        sif_path="",
+        argv=[sys.executable, "-m", "pipelines.demo.reduction", "calibrate"],
+        layout=layout,
+        step_name="calibrate",
+        final_step=False,
+    )
+    backend = LocalBackend(state_dir=tmp_path / "jobs")
+
+    job_id = backend.submit(JobSpec(name="run-41-1", command=argv, run_dir=layout.run_dir, env=env))
+
+    deadline = time.monotonic() + 120
+    while not (status := backend.get_status([job_id])[job_id]).is_finished:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert status.state == "completed", backend.get_logs(job_id)
+    produced = layout.workspace / "calibrate"
+    assert (produced / "science" / "calibrated_LFA.csv").exists()
+    _png_size(produced / "plots" / "calibrated_spectra.png")
+    assert json.loads((produced / "qa" / "metrics.json").read_text())["run_id"] == 41
+    assert "verified 2 input(s)" in backend.get_logs(job_id)
