@@ -662,7 +662,9 @@ def _render(value: object) -> str:
         return "~"  # distinct from every escaped text, including ""
     if isinstance(value, str):
         return _escape(value)
-    return _escape(json.dumps(value, sort_keys=True, separators=(",", ":")))
+    if isinstance(value, uuid.UUID):
+        return str(value)  # the same key whether a caller passes the UUID or its text
+    return _escape(json.dumps(value, sort_keys=True, separators=(",", ":"), default=str))
 
 
 def sub_group_key(group_by: list[str], values: dict[str, object]) -> str:

@@ -6,6 +6,7 @@ manager creates one run per sub-group these functions return (tests/pipelines/te
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
@@ -170,6 +171,11 @@ def test_sub_group_keys_are_stable_readable_and_unambiguous() -> None:
     assert tricky != plain and tricky == "source=A%3Bline%3DB;line=C"
     assert sub_group_key(["source"], {"source": None}) != sub_group_key(["source"], {"source": ""})
     assert sub_group_key(["source"], {"source": "~"}) == "source=%7E"
+    scan = uuid.uuid4()
+    assert sub_group_key(["executed_obs_unit"], {"executed_obs_unit": scan}) == (
+        sub_group_key(["executed_obs_unit"], {"executed_obs_unit": str(scan)})
+    )
+    assert sub_group_key(["metadata.n"], {"metadata.n": 12}) == "metadata.n=12"
 
 
 def test_a_long_sub_group_key_is_cut_to_200_characters_with_a_hash() -> None:
