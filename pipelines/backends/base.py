@@ -102,7 +102,8 @@ class Backend(ABC):
     def submit(self, spec: JobSpec) -> str:
         """Start the job and return its id. Idempotent by ``spec.name``: when a job of that name
         already exists for ``spec.run_dir`` its id is returned and nothing is started. Raises
-        BackendError when the job cannot be started."""
+        ValidationError for resources the backend refuses (``validate_resources``; nothing is
+        started, and a retry will not help) and BackendError when the job cannot be started."""
 
     @abstractmethod
     def find(self, spec: JobSpec) -> str | None:
