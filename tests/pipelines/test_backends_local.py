@@ -167,7 +167,7 @@ def test_status_of_a_batch_in_one_call(backend: LocalBackend, spec: Callable[...
     backend.cancel(slow)
 
 
-def test_every_state_reported_is_pending_running_completed_or_failed(
+def test_behaviour_51_every_state_reported_is_pending_running_completed_or_failed(
     backend: LocalBackend, spec: Callable[..., JobSpec], tmp_path: Path
 ) -> None:
     # Behaviour 51, with a job caught in each state: "pending" is a submitted job whose

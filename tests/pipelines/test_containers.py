@@ -184,7 +184,7 @@ def _env_args(argv: list[str]) -> dict[str, str]:
     return dict(pair.split("=", 1) for pair in pairs)
 
 
-def test_apptainer_binds_input_and_config_read_only_and_the_rest_read_write(
+def test_behaviour_28_apptainer_binds_input_and_config_read_only_and_the_rest_read_write(
     layout: RunLayout,
 ) -> None:
     # Behaviour 28.
