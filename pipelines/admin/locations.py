@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib import admin, messages
 from django.db.models import Model, QuerySet
 from django.http import HttpRequest
+from django.template.response import TemplateResponse
 
 from pipelines.models import (
     DarkFile,
@@ -73,7 +76,7 @@ class DataLocationAdmin(OpsModelAdmin):
     # Measured by the disk monitor, not typed in.
     system_fields = ("used_bytes", "free_bytes", "usage_measured_at")
     # Storage audit and disk monitor (issue 10): both through their services.
-    actions = ("audit_storage_now", "measure_usage_now")
+    actions = ("audit_storage_now", "measure_usage_now", "show_deletion_plan")
 
     @admin.action(description="Audit storage now (dark files, lost copies)", permissions=["change"])
     def audit_storage_now(self, request: HttpRequest, queryset: QuerySet[DataLocation]) -> None:
@@ -131,6 +134,66 @@ class DataLocationAdmin(OpsModelAdmin):
                 messages.SUCCESS if location.accepting_writes else messages.WARNING,
             )
 
+    # Deletion (issue 10): the same dry run as manage.py deletion_plan, through the service.
+    @admin.action(description="Deletion plan (dry run)", permissions=["view"])
+    def show_deletion_plan(self, request: HttpRequest, queryset: QuerySet[DataLocation]) -> Any:
+        """The deletion plan of the selected locations (``deletion_plan``): what would be
+        deleted now and why, and for each kept copy the first rule keeping it."""
+        from itertools import chain
+
+        from pipelines.services.deletion import deletion_plan
+
+        locations = list(queryset.select_related("site")[:DELETION_PLAN_LOCATIONS])
+        entries = chain.from_iterable(deletion_plan(location=loc) for loc in locations)
+        arg = f"{locations[0].site.short_name}:{locations[0].name}" if len(locations) == 1 else ""
+        return deletion_plan_page(self, request, entries, location_arg=arg)
+
+
+# Deletion (issue 10): the deletion plan page shared by the location and copy admins.
+DELETION_PLAN_LOCATIONS = 10
+# Copies judged for one page (a request must stay short), and rows shown of them.
+DELETION_PLAN_EXAMINED = 20_000
+DELETION_PLAN_SHOWN = 500
+
+
+def deletion_plan_page(
+    modeladmin: admin.ModelAdmin, request: HttpRequest, entries: Any, *, location_arg: str = ""
+) -> TemplateResponse:
+    """Render plan entries (an iterator of ``PlanEntry``): a summary by rule of the first
+    ``DELETION_PLAN_EXAMINED`` and a table of the first ``DELETION_PLAN_SHOWN``."""
+    from collections import Counter
+
+    from django.urls import reverse
+
+    from pipelines.management.commands.deletion_plan import plan_summary
+
+    counts: Counter[str] = Counter()
+    shown: list[Any] = []
+    examined = 0
+    truncated = False
+    for entry in entries:
+        if examined == DELETION_PLAN_EXAMINED:
+            truncated = True
+            break
+        examined += 1
+        counts[entry.verdict.rule] += 1
+        if len(shown) < DELETION_PLAN_SHOWN:
+            shown.append(entry)
+    opts = modeladmin.model._meta
+    context = {
+        **modeladmin.admin_site.each_context(request),
+        "opts": opts,
+        "title": "Deletion plan",
+        "summary": plan_summary(counts),
+        "entries": shown,
+        "examined": examined,
+        "truncated": truncated,
+        "shown_limit_hit": examined > len(shown),
+        "location_arg": location_arg,
+        "changelist_url": reverse(f"admin:{opts.app_label}_{opts.model_name}_changelist"),
+    }
+    return TemplateResponse(request, "admin/pipelines/deletion_plan.html", context)
+
 
 class DeletionTaskOfCopyInline(ReadOnlyTabularInline):
     model = DeletionTask
@@ -180,7 +243,14 @@ class PhysicalCopyAdmin(OpsModelAdmin):
     )
     inlines = (DeletionTaskOfCopyInline,)
     # Integrity (issue 10): an operator's re-verification through the integrity service.
-    actions = ("verify_now",)
+    actions = ("verify_now", "show_deletion_plan")
+
+    # Deletion (issue 10): each selected copy's verdict, as manage.py deletion_plan gives it.
+    @admin.action(description="Deletion plan (dry run)", permissions=["view"])
+    def show_deletion_plan(self, request: HttpRequest, queryset: QuerySet[PhysicalCopy]) -> Any:
+        from pipelines.services.deletion import deletion_plan
+
+        return deletion_plan_page(self, request, deletion_plan(copies=queryset))
 
     @admin.action(
         description="Verify now (read back and compare checksums)", permissions=["change"]

@@ -720,17 +720,23 @@ def _chunks(queryset: Any, size: int = CHUNK) -> Iterator[list[_Row]]:
 
 
 def deletion_plan(
-    *, location: DataLocation | None = None, now: datetime | None = None
+    *,
+    location: DataLocation | None = None,
+    copies: Any = None,
+    now: datetime | None = None,
 ) -> Iterator[PlanEntry]:
-    """Every live (not DELETED) copy, at ``location`` or everywhere, with its verdict: a dry run
-    that changes nothing. Streams: copies are read and judged in chunks (a fixed number of
-    queries per chunk), so memory stays bounded at any number of copies. Locations under disk
-    pressure come first, then by site and name; copies by id within a location."""
+    """Every live (not DELETED) copy, at ``location`` or everywhere (``copies``: only those of
+    this PhysicalCopy queryset), with its verdict: a dry run that changes nothing. Streams:
+    copies are read and judged in chunks (a fixed number of queries per chunk), so memory stays
+    bounded at any number of copies. Locations under disk pressure come first, then by site and
+    name; copies by id within a location."""
     now = now or timezone.now()
     judge = _Judge(now)
     for loc in _locations_in_order(location):
-        copies = PhysicalCopy.objects.filter(location=loc).exclude(status=CS.DELETED)
-        for rows in _chunks(copies):
+        live = PhysicalCopy.objects.filter(location=loc).exclude(status=CS.DELETED)
+        if copies is not None:
+            live = live.filter(pk__in=copies.values("pk"))
+        for rows in _chunks(live):
             verdicts = judge.judge(rows)
             names = _object_names(rows)
             for row, verdict in zip(rows, verdicts, strict=True):
