@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
+import time
 from typing import Any
 
 import pytest
 from django.core.exceptions import ValidationError
+from django.db import connection, transaction
 from django.test import Client
 from django.urls import reverse
 
@@ -553,3 +556,51 @@ def test_the_admin_add_form_refuses_an_upstream_step_of_another_pipeline(
 
     assert "of another pipeline" in form_errors(response)
     assert not ReductionStep.objects.filter(name="combine").exists()
+
+
+# --- concurrency ---------------------------------------------------------------------------------
+@pytest.mark.django_db(transaction=True)
+def test_two_edits_closing_a_cycle_together_are_serialised_and_the_second_refused(
+    require_postgres: None,
+) -> None:
+    """Each edit alone is fine (a -> b, b -> a); together they make a cycle. The pipeline-row
+    lock makes the second wait for the first to commit, then see its link and refuse."""
+    a, b = (ReductionStepFactory(pipeline=PipelineFactory(), name=n) for n in ("a", "b"))
+    b.pipeline = a.pipeline
+    b.save()
+    first_holds_lock, release_first = threading.Event(), threading.Event()
+    outcome: dict[str, BaseException | None] = {}
+
+    def first() -> None:
+        try:
+            with transaction.atomic():
+                reduction_step_set_dependencies(a, [b])
+                first_holds_lock.set()
+                release_first.wait(10)
+        finally:
+            connection.close()
+
+    def second() -> None:
+        first_holds_lock.wait(10)
+        try:
+            reduction_step_set_dependencies(b, [a])
+            outcome["second"] = None
+        except ValidationError as exc:
+            outcome["second"] = exc
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    first_holds_lock.wait(10)
+    time.sleep(0.5)
+    assert "second" not in outcome  # waiting for the lock, not deciding on stale links
+    release_first.set()
+    for thread in threads:
+        thread.join(30)
+
+    assert isinstance(outcome["second"], ValidationError)
+    assert "cycle: b -> a -> b" in messages_of(outcome["second"])
+    assert list(a.depends_on.all()) == [b]
+    assert not b.depends_on.exists()
