@@ -25,8 +25,9 @@ data product there is still compared like any copy) and the tars of live staging
 Memory stays bounded however many files there are: the listing is streamed in code-point order
 (``Storage.list_entries``) and merged with one streamed, identically ordered query of the
 location's live copies, a chunk of ``chunk_size`` listed files at a time; no set of all paths
-is built. Per chunk the audit issues at most three queries for dark files (which are served by
-the unique index on location and path), plus one lookup per lost-copy candidate.
+is built. Per chunk the audit issues at most three queries for dark files, served by the unique
+index on location and path (on SQLite its parameter limit splits the upsert into batches),
+plus the re-check and mark of each lost copy.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ from pipelines.models import (
 )
 from pipelines.storage.base import Storage, StoredObject, storage_for
 
+from .integrity import REPAIR_TEMP_MARKER
+
 log = logging.getLogger(__name__)
 _S = PhysicalCopyStatus
 LT = DataLocation.LocationType
@@ -60,10 +63,11 @@ LT = DataLocation.LocationType
 AUDIT_CHUNK_SIZE = 2000
 # Name endings and fragments of temporary files that writers of this system (and common tools)
 # rename into place when done: storage.posix / storage.tars (".<name>.<random>.partial"), the
-# demo simulator (".<name>.partial"), the integrity repair (".repair-"), rsync/wget-style
+# demo simulator (".<name>.partial"), the integrity repair ("<name>.repair-<id>",
+# integrity.repair_temp_path), rsync/wget-style
 # ".part" and ".tmp".
 TEMPORARY_SUFFIXES = (".partial", ".tmp", ".part")
-TEMPORARY_FRAGMENTS = (".repair-",)
+TEMPORARY_FRAGMENTS = (REPAIR_TEMP_MARKER,)
 # In a PROCESSING location: run directories ({root}/pipelines/{pipeline}/{sub group}/{run}-
 # {attempt}, see ExecutedReductionStep) and staging tars (staging/{job id}/{package}.tar).
 WORKSPACE_PREFIX = "pipelines/"
@@ -311,7 +315,7 @@ class _Audit:
     def _recheck(self, row: _Copy) -> None:
         """Look the one file up again before calling it lost: the listing went past it some time
         ago, and a write or rename since may have put it there."""
-        from pipelines.services.integrity import copy_mark_damaged
+        from .integrity import copy_mark_damaged
 
         if self.storage.exists(row.relative_path):
             self.report.lost_reappeared += 1

@@ -23,6 +23,7 @@ from pipelines.models import (
     Status,
 )
 from pipelines.services.audit import AuditReport, audit_storage
+from pipelines.services.integrity import repair_temp_path
 from pipelines.storage.base import Storage, StoredObject, storage_for
 from tests import factories as f
 
@@ -166,7 +167,7 @@ def test_temporary_files_new_files_and_run_workspaces_are_not_dark(tmp_path: Pat
     write(root, "raw/a.fits.tmp")
     write(root, "raw/b.fits.part")
     write(root, "raw/.c.fits.0123456789ab.partial")  # hidden by the POSIX listing itself
-    write(root, "raw/d.fits.repair-7f3a")
+    write(root, repair_temp_path("raw/d.fits", 7))  # a repair writing next to its copy
     write(root, "raw/e.fits", age=-HOUR)  # modified after the audit started
     write(root, "pipelines/3/scan-1/17-1/workspace/scratch.bin")
     write(root, "pipelines/3/scan-1/17-1/output/science/cube.fits")
