@@ -482,3 +482,20 @@ def _gone(pid: int, timeout: float = 3) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def test_cancel_of_a_job_already_lost_marks_it_cancelled(
+    backend: LocalBackend, spec: Callable[..., JobSpec]
+) -> None:
+    job = spec("run-53-1", "true")
+    logs = job.run_dir / "logs"
+    logs.mkdir(parents=True)
+    (logs / "submitted.json").write_text(json.dumps({"name": "run-53-1"}))
+    job_id = backend.job_id_for(job)
+    backend._register(job_id, job.run_dir.resolve())
+    assert backend.get_status([job_id])[job_id].reason.startswith("lost")
+
+    backend.cancel(job_id)
+
+    status = backend.get_status([job_id])[job_id]
+    assert (status.state, status.reason) == ("failed", "cancelled")
