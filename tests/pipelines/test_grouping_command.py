@@ -89,6 +89,38 @@ def test_a_grouping_with_invalid_stored_rules_is_a_command_error_naming_the_rule
         run("broken")
 
 
-def test_a_missing_grouping_argument_exits_non_zero() -> None:
-    with pytest.raises(CommandError, match="the following arguments are required: grouping"):
-        call_command("grouping_preview")
+def test_an_unknown_option_exits_non_zero() -> None:
+    with pytest.raises(CommandError, match="unrecognized arguments: --bogus"):
+        call_command("grouping_preview", "x", "--bogus")
+
+
+def test_unsaved_rules_can_be_previewed_before_saving_them(chai: DataGrouping) -> None:
+    rules = json.dumps([rule("Source", "name", "eq", "NGC253")])
+
+    assert run("--rules", rules).splitlines()[-1] == "rules: 4 packages in 1 sub-group"
+    assert run("--rules", rules, "--instrument-module", "CHAI/LFA").splitlines()[-1] == (
+        "rules: 2 packages in 1 sub-group"
+    )
+    assert DataGrouping.objects.count() == 1  # nothing saved
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rules", "[{"], "--rules is not JSON"),
+        (
+            ["--rules", json.dumps([rule("Source", "nme", "eq", "x")])],
+            r"rules: rule 1 \(Source.nme eq 'x'\): unknown column 'nme'",
+        ),
+        (["--rules", "[]", "--instrument-module", "CHAI/XYZ"], "no instrument module 'CHAI/XYZ'"),
+        (["chai-archived", "--rules", "[]"], "name a data grouping or give --rules, not both"),
+        ([], "not both or neither"),
+        (["chai-archived", "--instrument-module", "CHAI/LFA"], "goes with --rules"),
+    ],
+)
+def test_bad_rules_or_options_are_a_command_error(
+    chai: DataGrouping, args: list[str], message: str
+) -> None:
+    with pytest.raises(CommandError, match=message):
+        run(*args)
+    assert DataGrouping.objects.count() == 1
