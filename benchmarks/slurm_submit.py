@@ -7,9 +7,10 @@ one batch (time, calls).
 - baseline: ``for i in ...; do sbatch --parsable --hold script; done`` in one bash process,
   each job with its own pre-written batch script (the same script the backend writes);
 - backend: ``SlurmBackend.submit`` of as many JobSpecs, each with its own run directory. It does
-  everything a real submission does (resource check against the cached partition limits, lock,
-  marker check, ``squeue --name`` lookup, script written, ``sbatch``, index link, marker), the
-  only change being ``--hold`` added to ``sbatch`` so that nothing runs on the shared cluster;
+  everything a real first submission does (resource check against the cached partition limits,
+  lock, marker check, script written, ``sbatch``, index link, marker; no ``squeue`` lookup, as
+  no script existed before), the only change being ``--hold`` added to ``sbatch`` so that
+  nothing runs on the shared cluster;
 - polling: ``--poll-jobs`` held jobs submitted by a bare loop, then ``get_status`` of all their
   ids (``--runs`` times; the SLURM commands it ran are counted), against one
   ``scontrol show job`` per id (the obvious per-job poll). All jobs are cancelled at the end.
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace, work: Path, submitted: list[str]) -> None:
     class HeldSlurmBackend(SlurmBackend):
         """The real backend; its sbatch calls add --hold so no job runs."""
 
-        def _run(self, argv, *, env=None):  # type: ignore[no-untyped-def]
+        def _run(self, argv, *, env=None):
             if argv[0] == "sbatch":
                 argv = [argv[0], "--hold", *argv[1:]]
             return super()._run(argv, env=env)
@@ -171,14 +172,15 @@ def run(args: argparse.Namespace, work: Path, submitted: list[str]) -> None:
             ["scontrol", "show", "job", "-o", job_id], capture_output=True, check=True, timeout=30
         )
     per_job = time.perf_counter() - started
-    batch = statistics.median(batch_times)
+    batch_seconds = statistics.median(batch_times)
     print(f"\nstatus of {len(ids)} held jobs, median of {args.runs} polls")
     print("| what | seconds | SLURM calls | ratio |")
     print("|---|---:|---:|---|")
     print(f"| one `scontrol show job` per id (baseline) | {per_job:.3f} | {len(ids)} | 1.00 |")
     print(
-        f"| `SlurmBackend.get_status(ids)` | {batch:.3f} | "
-        f"{', '.join(f'{n} {c}' for n, c in calls.items())} | **{per_job / batch:.0f} x faster** |"
+        f"| `SlurmBackend.get_status(ids)` | {batch_seconds:.3f} | "
+        f"{', '.join(f'{n} {c}' for n, c in calls.items())} | "
+        f"**{per_job / batch_seconds:.0f} x faster** |"
     )
 
 
