@@ -248,7 +248,7 @@ def test_an_integrity_error_from_a_racing_manager_never_leaves_the_tick() -> Non
     # sees no run at all (its stale view) and inserts into an occupied sub-group.
     ExecutedReductionStepFactory(reduction_step=calibrate, sub_group_key="all")
     # The caller's transaction stays usable: the failed insert rolled back to its savepoint.
-    with mock.patch.object(triggers, "_runs_by_key", return_value={}), transaction.atomic():
+    with mock.patch.object(triggers.gap, "_runs_by_key", return_value={}), transaction.atomic():
         assert tick() == {"created": 0, "full": 1, "errors": 0}
         assert ExecutedReductionStep.objects.count() == 1
     assert len(runs_of(calibrate)) == 1
@@ -357,8 +357,8 @@ def test_each_cron_due_time_is_claimed_by_one_manager_only() -> None:
     p = pipeline(trigger_type=TriggerType.CRON, trigger_config={"cron": "*/5 * * * *"})
     later = timezone.now() + timedelta(minutes=6)
     other = type(p).objects.get(pk=p.pk)  # a second manager's copy
-    assert triggers._claim_cron_due(p, later) is True
-    assert triggers._claim_cron_due(other, later) is False
+    assert triggers.manager._claim_cron_due(p, later) is True
+    assert triggers.manager._claim_cron_due(other, later) is False
 
 
 def test_only_archived_packages_count_when_the_rules_do_not_name_the_state() -> None:

@@ -194,3 +194,37 @@ def test_the_trigger_manager_is_registered_and_scheduled(settings) -> None:
     package = archived()
     assert run_trigger_manager() == {"created": 1, "full": 1, "errors": 0}
     assert inputs(runs_of(calibrate)[0]) == {package.pk}
+
+
+@pytest.mark.parametrize("by_ids", [True, False], ids=["by id", "by archived_at"])
+def test_new_packages_are_matched_to_groupings_a_batch_of_groupings_per_statement(
+    monkeypatch, by_ids
+) -> None:
+    from pipelines.services.triggers import manager
+
+    monkeypatch.setattr(manager, "MATCH_BATCH", 2)
+    monkeypatch.setattr(manager, "MATCH_IDS", 100 if by_ids else 1)
+    start = timezone.now()
+    sources = []
+    for i in range(5):
+        p = pipeline()
+        p.data_grouping.filter_rules = [
+            {"table": "Source", "column": "name", "operator": "eq", "value": f"src-{i}"}
+        ]
+        p.data_grouping.save()
+        sources.append(step(p))
+    tick(start)
+    scans = {i: ExecutedObsUnitFactory(obs_unit__source__name=f"src-{i}") for i in (1, 3)}
+    made = {
+        i: [archived(scans[i], at=start + timedelta(seconds=5)) for _ in range(2)] for i in scans
+    }
+    with CaptureQueriesContext(connection) as queries:
+        assert tick(start + timedelta(seconds=10))["created"] == 2
+    matching = [q for q in queries.captured_queries if '"_pipeline"' in q["sql"]]
+    assert len(matching) == 3  # five groupings, two per statement
+    for i, s in enumerate(sources):
+        runs = runs_of(s)
+        if i in made:
+            assert [inputs(r) for r in runs] == [{x.pk for x in made[i]}]
+        else:
+            assert runs == []

@@ -1,47 +1,6 @@
-"""The trigger manager (workflow manager §4.2): find the gaps of every step and create PENDING runs.
-
-Semantics (the brief's PROPOSED ones, made exact here; ``explain_step`` answers in these words):
-
-- **Which data.** A pipeline's packages are its grouping's (``grouping_queryset``). When the
-  grouping's rules say nothing about ``RawDataPackage.state``, only ARCHIVED packages count (data
-  that is not in an archive yet cannot be staged); rules that name ``state`` decide themselves.
-- **Sub-groups.** Each step splits those packages by its own ``group_by``
-  (``package_sub_groups``); a run belongs to one (step, ``sub_group_key``).
-- **Gap.** The packages of a sub-group that are not an input of any run of that (step,
-  sub-group), whatever the run's state: COMPLETED, active, CANCELLED, FAILED for good and
-  FAILED awaiting its retry all cover their inputs. So only new packages reopen a sub-group (a
-  cancelled run is not re-created at the next tick), and a new run then takes ALL current
-  packages of the sub-group (a combined product must be made from everything).
-- **Occupied.** No run is created while the (step, sub-group) has an active run or a FAILED one
-  awaiting its retry; the database refuses it anyway (``executed_reduction_step_one_active_per_
-  subgroup``): each run is inserted in its own savepoint and a constraint loser is skipped, so an
-  ``IntegrityError`` never leaves a tick.
-- **Cooldown.** A new run needs ``now - created_at`` of the last run of the (step, sub-group) to
-  be at least ``cooldown_seconds`` (reading (a) of the brief: runs are at least N seconds apart).
-- **Upstream.** For a step with ``depends_on``, a package is *eligible* when, for every upstream
-  step, the latest run that took it as input COMPLETED; the products of those runs become the new
-  run's ``input_products``. A package whose latest upstream run failed for good or was cancelled
-  is *excluded*: left out and listed in ``run.excluded_inputs`` (the manifest repeats it). A
-  package whose upstream run is still in progress (or FAILED awaiting a retry) makes the whole
-  sub-group *wait*, so a combined step runs once over all of its scans instead of once per
-  finished scan; a package with no upstream run yet does not block (it reopens the sub-group
-  when its upstream run completes). The gap of a downstream step is its eligible packages not
-  yet covered. The price: a fan-in step whose upstream always has a run in progress (data
-  arriving faster than it is reduced) waits until the upstream is quiet; ``explain_step``
-  names the run it waits for.
-- **Trigger types gate root steps only** (steps without ``depends_on``): CONTINUOUS at every
-  evaluation, CRON only once per due time of ``trigger_config["cron"]`` (croniter;
-  ``Pipeline.cron_last_due_at`` is advanced by a conditional UPDATE, so of several managers
-  exactly one evaluates each due time), MANUAL only through ``pipeline_trigger``. Downstream
-  steps follow their completed upstream runs in every mode, so a triggered DAG runs to its end.
-- **Where and whether.** Only enabled pipelines of this instance's processing location
-  (``processing_location_id()``) are evaluated, by descending priority.
-- **Incremental.** A tick looks at packages archived after ``Pipeline.trigger_watermark``, at
-  upstream runs completed since it and at sub-groups whose cooldown ended since it; every
-  ``WORKFLOW_TRIGGER_FULL_INTERVAL`` seconds a pipeline is re-evaluated in full (the safety net
-  for anything the increments cannot see, e.g. a package archived by a transaction that
-  committed long after it stamped ``archived_at``, or rules over other columns that changed).
-"""
+"""The trigger manager's writes: creating runs, evaluating pipelines (full, incremental,
+CRON), the tick, the on-demand evaluation archiving queues, and the manual trigger. The
+semantics are stated in ``pipelines/services/triggers/__init__.py``."""
 
 from __future__ import annotations
 
@@ -49,24 +8,21 @@ import logging
 import re
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.core.cache import cache
-from django.core.exceptions import ImproperlyConfigured, ValidationError
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
-from django.db.models import Q, QuerySet
+from django.db.models import BigIntegerField, Q, Value
 from django.utils import timezone
 
 from pipelines.models import (
-    ACTIVE_RUN_STATUSES,
-    DataLocation,
     DataProduct,
     ExecutedReductionStep,
-    PackageState,
     Pipeline,
     RawDataPackage,
     ReductionSoftwareVersion,
@@ -75,8 +31,19 @@ from pipelines.models import (
     TriggerType,
     VersionPolicy,
 )
+from pipelines.services.states import record_creation
 
-from .states import record_creation
+from .gap import (
+    Decision,
+    Reason,
+    RunInputs,
+    _decide,
+    _ordered_steps,
+    _steps_of,
+    pipeline_packages,
+    processing_location_id,
+    served_pipelines,
+)
 
 if TYPE_CHECKING:
     from pipelines.grouping import SubGroup
@@ -90,285 +57,12 @@ WATERMARK_LAG = timedelta(seconds=60)
 # The cache key that says an on-demand evaluation is queued and has not started yet.
 QUEUED_KEY = "workflow:trigger-evaluation-queued"
 
-RunInputs = ExecutedReductionStep.input_raw_packages.through
 RunProducts = ExecutedReductionStep.input_products.through
 
 
 class TriggerError(ValidationError):
     """A manual trigger that cannot be done (disabled pipeline, unknown sub-group): nothing was
     created."""
-
-
-# --- where this instance works ------------------------------------------------------------------
-def processing_location_id() -> int | None:
-    """The PROCESSING location whose pipelines this instance serves.
-
-    ``settings.PROCESSING_LOCATION_ID`` (env ``PROCESSING_LOCATION_ID``) when set; it must name a
-    PROCESSING location, else ``ImproperlyConfigured`` (a typo must not silently serve nothing).
-    Unset: the single PROCESSING location in the database; with several and none configured,
-    ``None``, meaning "every PROCESSING location": the embedded laptop facility (one process,
-    ``manage.py facility run``) runs everything, and a deployment with one instance per
-    processing location sets the variable on each. The trigger, workflow and result managers
-    all ask this function.
-    """
-    configured = getattr(settings, "PROCESSING_LOCATION_ID", None)
-    processing = DataLocation.objects.filter(location_type=DataLocation.LocationType.PROCESSING)
-    if configured:
-        if not processing.filter(pk=configured).exists():
-            known = ", ".join(
-                f"{pk} ({site}:{name})"
-                for pk, site, name in processing.values_list("pk", "site__short_name", "name")
-            )
-            raise ImproperlyConfigured(
-                f"PROCESSING_LOCATION_ID={configured} is not a PROCESSING location; "
-                f"known: {known or 'none'}"
-            )
-        return int(configured)
-    ids = list(processing.values_list("pk", flat=True)[:2])
-    return ids[0] if len(ids) == 1 else None
-
-
-def served_pipelines() -> QuerySet[Pipeline]:
-    """Enabled pipelines of this instance's processing location, highest priority first."""
-    pipelines = Pipeline.objects.filter(enabled=True).select_related("data_grouping")
-    location = processing_location_id()
-    if location is not None:
-        pipelines = pipelines.filter(processing_location_id=location)
-    return pipelines.order_by("-priority", "name")
-
-
-def pipeline_packages(pipeline: Pipeline) -> QuerySet[RawDataPackage]:
-    """The pipeline's packages: its grouping's, ARCHIVED only unless a rule names the state."""
-    from pipelines.grouping import grouping_queryset
-
-    queryset = grouping_queryset(pipeline.data_grouping)
-    if not _rules_mention_state(pipeline.data_grouping.filter_rules):
-        queryset = queryset.filter(state=PackageState.ARCHIVED)
-    return queryset
-
-
-def _rules_mention_state(rules: Any) -> bool:
-    for rule in rules or []:
-        if not isinstance(rule, dict):
-            continue
-        table = re.sub(r"[^a-z]", "", str(rule.get("table", "")).lower())
-        if table == "rawdatapackage" and str(rule.get("column", "")).lower() == "state":
-            return True
-    return False
-
-
-# --- what the runs of a step already cover ------------------------------------------------------
-@dataclass
-class RunInfo:
-    id: int
-    status: str
-    failed_for_good: bool
-    created_at: datetime
-    packages: set[int] = field(default_factory=set)
-
-    @property
-    def occupying(self) -> bool:
-        """Holds its (step, sub-group): active, or FAILED awaiting its retry (the constraint)."""
-        return self.status in ACTIVE_RUN_STATUSES or (
-            self.status == RunStatus.FAILED and not self.failed_for_good
-        )
-
-    @property
-    def left_out(self) -> bool:
-        """Its data goes no further: cancelled or failed for good."""
-        return self.status == RunStatus.CANCELLED or (
-            self.status == RunStatus.FAILED and self.failed_for_good
-        )
-
-
-def _runs_by_key(step: ReductionStep, keys: Iterable[str] | None) -> dict[str, list[RunInfo]]:
-    """Runs of ``step`` (of ``keys``, or all), newest first, with their input packages. One
-    query (runs LEFT JOIN their inputs)."""
-    runs = ExecutedReductionStep.objects.filter(reduction_step=step)
-    if keys is not None:
-        runs = runs.filter(sub_group_key__in=list(keys))
-    by_id: dict[int, RunInfo] = {}
-    by_key: dict[str, list[RunInfo]] = defaultdict(list)
-    for pk, key, status, failed_for_good, created_at, package_id in runs.order_by(
-        "-created_at", "-pk"
-    ).values_list(
-        "pk", "sub_group_key", "status", "failed_for_good", "created_at", "input_raw_packages"
-    ):
-        info = by_id.get(pk)
-        if info is None:
-            info = by_id[pk] = RunInfo(pk, status, failed_for_good, created_at)
-            by_key[key].append(info)
-        if package_id is not None:
-            info.packages.add(package_id)
-    return by_key
-
-
-def _upstream_runs(
-    upstream: ReductionStep, package_ids: set[int] | None
-) -> tuple[dict[int, RunInfo], dict[int, int]]:
-    """For each package, the latest run of ``upstream`` that took it as input:
-    ({run id: RunInfo}, {package id: run id}). One query (all of the step's runs when
-    ``package_ids`` is None or large, which is cheaper than a huge IN list)."""
-    links = RunInputs.objects.filter(executedreductionstep__reduction_step=upstream)
-    if package_ids is not None and len(package_ids) <= 5000:
-        links = links.filter(rawdatapackage_id__in=list(package_ids))
-    runs: dict[int, RunInfo] = {}
-    latest: dict[int, int] = {}
-    for package_id, run_id, status, failed_for_good, created_at in links.values_list(
-        "rawdatapackage_id",
-        "executedreductionstep_id",
-        "executedreductionstep__status",
-        "executedreductionstep__failed_for_good",
-        "executedreductionstep__created_at",
-    ):
-        runs.setdefault(run_id, RunInfo(run_id, status, failed_for_good, created_at))
-        current = latest.get(package_id)
-        if current is None or (created_at, run_id) > (runs[current].created_at, current):
-            latest[package_id] = run_id
-    return runs, latest
-
-
-# --- decisions ----------------------------------------------------------------------------------
-class Reason:
-    """What an evaluation found for one (step, sub-group); ``explain_step`` words them."""
-
-    CREATE = "create"
-    NO_DATA = "no_data"
-    GAP_EMPTY = "gap_empty"
-    OCCUPIED = "occupied"
-    COOLDOWN = "cooldown"
-    WAITING_UPSTREAM = "waiting_upstream"
-    NO_UPSTREAM_DATA = "no_upstream_data"
-    UPSTREAM_LEFT_OUT = "upstream_left_out"
-
-
-@dataclass
-class Decision:
-    """The outcome for one (step, sub-group). ``package_ids`` are the inputs a run would take
-    (all eligible packages of the sub-group), ``gap`` the uncovered ones among them."""
-
-    step: ReductionStep
-    key: str
-    values: dict[str, Any]
-    reason: str
-    package_ids: list[int] = field(default_factory=list)
-    gap: list[int] = field(default_factory=list)
-    upstream_run_ids: list[int] = field(default_factory=list)  # COMPLETED runs feeding it
-    excluded: list[dict[str, Any]] = field(default_factory=list)
-    run_id: int | None = None  # the occupying / last / upstream run the reason refers to
-    until: datetime | None = None  # end of the cooldown
-    run: ExecutedReductionStep | None = None  # the run created for it, if any
-
-
-def _decide(
-    step: ReductionStep,
-    upstream: Sequence[ReductionStep],
-    sub_groups: dict[str, SubGroup],
-    *,
-    now: datetime,
-    full: bool,
-    respect_cooldown: bool = True,
-) -> list[Decision]:
-    """Decide every sub-group of ``step`` without writing anything. ``full`` loads all of the
-    step's runs (one query each) instead of those of the given sub-groups."""
-    runs_by_key = _runs_by_key(step, None if full else sub_groups.keys())
-    eligible_of: dict[str, list[int]] = {}
-    excluded_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    waiting_of: dict[str, int] = {}
-    upstream_runs_of: dict[str, set[int]] = defaultdict(set)
-    if upstream:
-        wanted: set[int] | None = None
-        if not full:
-            wanted = {p for group in sub_groups.values() for p in group.package_ids}
-        states = [(u, *_upstream_runs(u, wanted)) for u in upstream]
-        names = _package_names(sub_groups, states)
-        for key, group in sub_groups.items():
-            eligible: list[int] = []
-            for package_id in group.package_ids:
-                verdict = "ok"
-                for u, u_runs, latest in states:
-                    run_id = latest.get(package_id)
-                    if run_id is None:
-                        verdict = "none" if verdict == "ok" else verdict
-                        continue
-                    info = u_runs[run_id]
-                    if info.left_out:
-                        verdict = "left_out"
-                        excluded_of[key].append(
-                            {
-                                "package": package_id,
-                                "name": names.get(package_id, ""),
-                                "reason": f"upstream run {run_id} of step {u.name} "
-                                + (
-                                    "was cancelled"
-                                    if info.status == RunStatus.CANCELLED
-                                    else "failed for good"
-                                ),
-                            }
-                        )
-                        break
-                    if info.status != RunStatus.COMPLETED:
-                        waiting_of.setdefault(key, run_id)
-                        verdict = "waiting" if verdict == "ok" else verdict
-                    else:
-                        upstream_runs_of[key].add(run_id)
-                if verdict == "ok":
-                    eligible.append(package_id)
-            eligible_of[key] = eligible
-    decisions = []
-    for key, group in sub_groups.items():
-        members = eligible_of[key] if upstream else list(group.package_ids)
-        runs = runs_by_key.get(key, [])
-        covered = set().union(*(r.packages for r in runs)) if runs else set()
-        gap = [p for p in members if p not in covered]
-        decision = Decision(
-            step=step,
-            key=key,
-            values=dict(group.values),
-            reason=Reason.CREATE,
-            package_ids=sorted(members),
-            gap=sorted(gap),
-            upstream_run_ids=sorted(upstream_runs_of.get(key, ())),
-            excluded=excluded_of.get(key, []),
-        )
-        occupying = next((r for r in runs if r.occupying), None)
-        if not group.package_ids:
-            decision.reason = Reason.NO_DATA
-        elif occupying is not None:
-            decision.reason, decision.run_id = Reason.OCCUPIED, occupying.id
-        elif key in waiting_of:
-            decision.reason, decision.run_id = Reason.WAITING_UPSTREAM, waiting_of[key]
-        elif upstream and not members:
-            decision.reason = (
-                Reason.UPSTREAM_LEFT_OUT if excluded_of.get(key) else Reason.NO_UPSTREAM_DATA
-            )
-        elif not gap:
-            decision.reason = Reason.GAP_EMPTY
-            decision.run_id = runs[0].id if runs else None
-        elif respect_cooldown and runs:
-            until = runs[0].created_at + timedelta(seconds=step.cooldown_seconds)
-            if now < until:
-                decision.reason, decision.run_id, decision.until = (
-                    Reason.COOLDOWN,
-                    runs[0].id,
-                    until,
-                )
-        decisions.append(decision)
-    return decisions
-
-
-def _package_names(
-    sub_groups: dict[str, SubGroup], states: list[tuple[ReductionStep, dict, dict]]
-) -> dict[int, str]:
-    """Names of the packages some upstream run left out (for ``excluded_inputs``)."""
-    left_out: set[int] = set()
-    for _u, runs, latest in states:
-        left_out.update(p for p, r in latest.items() if runs[r].left_out)
-    members = {p for g in sub_groups.values() for p in g.package_ids}
-    ids = left_out & members
-    if not ids:
-        return {}
-    return dict(RawDataPackage.objects.filter(pk__in=ids).values_list("pk", "name"))
 
 
 # --- creating runs ------------------------------------------------------------------------------
@@ -460,48 +154,6 @@ def _create_run(
 
 
 # --- evaluating a pipeline ----------------------------------------------------------------------
-def _ordered_steps(pipeline: Pipeline) -> list[tuple[ReductionStep, list[ReductionStep]]]:
-    """The pipeline's steps with their upstream steps, upstream first."""
-    return _steps_of([pipeline])[pipeline.pk]
-
-
-def _steps_of(
-    pipelines: Sequence[Pipeline],
-) -> dict[int, list[tuple[ReductionStep, list[ReductionStep]]]]:
-    """Each pipeline's steps with their upstream steps, upstream first (topological; ties by
-    step_order). A cycle (refused on save) is broken by step_order rather than looping. Two
-    queries for all the pipelines."""
-    ids = [p.pk for p in pipelines]
-    steps = list(
-        ReductionStep.objects.filter(pipeline_id__in=ids).select_related(
-            "software", "software_version", "config"
-        )
-    )
-    by_id = {s.pk: s for s in steps}
-    upstream: dict[int, list[ReductionStep]] = {s.pk: [] for s in steps}
-    for down, up in ReductionStep.depends_on.through.objects.filter(
-        from_reductionstep__pipeline_id__in=ids
-    ).values_list("from_reductionstep_id", "to_reductionstep_id"):
-        if down in by_id and up in by_id:
-            upstream[down].append(by_id[up])
-    result: dict[int, list[tuple[ReductionStep, list[ReductionStep]]]] = {pk: [] for pk in ids}
-    grouped: dict[int, list[ReductionStep]] = defaultdict(list)
-    for s in steps:
-        grouped[s.pipeline_id].append(s)
-    for pipeline_id, members in grouped.items():
-        done: set[int] = set()
-        remaining = sorted(members, key=lambda s: (s.step_order, s.pk))
-        while remaining:
-            ready = [
-                s for s in remaining if all(u.pk in done for u in upstream[s.pk])
-            ] or remaining[:1]
-            for s in ready:
-                result[pipeline_id].append((s, upstream[s.pk]))
-                done.add(s.pk)
-            remaining = [s for s in remaining if s.pk not in done]
-    return result
-
-
 def _roots_allowed(pipeline: Pipeline, *, cron_due: bool) -> bool:
     if pipeline.trigger_type == TriggerType.CONTINUOUS:
         return True
@@ -515,6 +167,8 @@ class _Affected:
     """What an incremental evaluation of one pipeline looks at."""
 
     new_packages: list[int] = field(default_factory=list)
+    # True once new_packages holds only this pipeline's own (``_match_new_packages``)
+    matched: bool = False
     # step id -> sub-group keys to look at (upstream completed, cooldown ended)
     keys: dict[int, set[str]] = field(default_factory=lambda: defaultdict(set))
     # step id -> packages of upstream runs that completed (their sub-groups are to look at)
@@ -542,9 +196,10 @@ def _evaluate(
     packages = pipeline_packages(pipeline)
     new_packages: list[int] = []
     if affected is not None and affected.new_packages and roots:
-        # One query per grouping tells whether any new package is this pipeline's at all.
-        new_packages = list(
-            packages.filter(pk__in=affected.new_packages).values_list("pk", flat=True)
+        new_packages = (
+            affected.new_packages
+            if affected.matched
+            else list(packages.filter(pk__in=affected.new_packages).values_list("pk", flat=True))
         )
         if not new_packages and not affected.keys and not affected.upstream_packages:
             return []
@@ -822,6 +477,7 @@ def _tick(*, owner: str, now: datetime | None, allow_full: bool) -> dict[str, in
         else:
             incremental.append(pipeline)
     changes = _changes(incremental, now=now, steps_of=steps)
+    _match_new_packages([p for p in incremental if _roots_allowed(p, cron_due=False)], changes)
     advanced: list[int] = []
     for pipeline in incremental:
         affected = changes[pipeline.pk]
@@ -848,6 +504,44 @@ def _tick(*, owner: str, now: datetime | None, allow_full: bool) -> dict[str, in
         Q(trigger_watermark__isnull=True) | Q(trigger_watermark__lt=mark)
     ).update(trigger_watermark=mark)
     return {"created": len(created), "full": full_count, "errors": errors}
+
+
+# Groupings asked at once by ``_match_new_packages``: one UNION ALL statement (SQLite allows
+# 500 compound SELECTs; a few hundred keeps the statement a manageable size).
+MATCH_BATCH = 200
+# Up to this many new packages are named by id in each grouping's SELECT; more are selected
+# by ``archived_at`` (the definition) instead of a long IN list repeated in every SELECT.
+MATCH_IDS = 500
+
+
+def _match_new_packages(pipelines: Sequence[Pipeline], changes: dict[int, _Affected]) -> None:
+    """Narrow each pipeline's ``new_packages`` (every package archived since its watermark) to
+    its grouping's, with one SELECT per grouping sent ``MATCH_BATCH`` at a time as one UNION
+    ALL statement: the tick's cost with new data grows with the number of statements, not of
+    groupings. Pipelines without new packages are not asked."""
+    asking = [p for p in pipelines if changes[p.pk].new_packages]
+    for start in range(0, len(asking), MATCH_BATCH):
+        batch = asking[start : start + MATCH_BATCH]
+        selects = []
+        for pipeline in batch:
+            new = changes[pipeline.pk].new_packages
+            mine = pipeline_packages(pipeline).order_by()
+            if len(new) <= MATCH_IDS:
+                mine = mine.filter(pk__in=new)
+            else:
+                mine = mine.filter(archived_at__gt=pipeline.trigger_watermark)
+            selects.append(
+                mine.annotate(
+                    _pipeline=Value(pipeline.pk, output_field=BigIntegerField())
+                ).values_list("_pipeline", "pk")
+            )
+        matched: dict[int, list[int]] = defaultdict(list)
+        query = selects[0].union(*selects[1:], all=True) if len(selects) > 1 else selects[0]
+        for pipeline_id, package_id in query:
+            matched[pipeline_id].append(package_id)
+        for pipeline in batch:
+            changes[pipeline.pk].new_packages = sorted(matched.get(pipeline.pk, []))
+            changes[pipeline.pk].matched = True
 
 
 def _claim_full(pipeline: Pipeline, now: datetime, every: timedelta) -> bool:
@@ -943,166 +637,3 @@ def pipeline_trigger(
                     actor=f"user:{who}",
                 )
     return decisions
-
-
-def step_gap(step: ReductionStep, *, now: datetime | None = None) -> dict[str, SubGroup]:
-    """The gap of every sub-group of ``step`` that has one: {key: SubGroup whose package_ids are
-    the uncovered (for a downstream step: uncovered eligible) packages}. Ignores cooldown,
-    occupation and trigger type; reads only."""
-    from pipelines.grouping import SubGroup, package_sub_groups
-
-    pipeline = step.pipeline
-    upstream = dict(_ordered_steps(pipeline)).get(step, [])
-    groups = package_sub_groups(pipeline_packages(pipeline), list(step.group_by or []))
-    return {
-        d.key: SubGroup(key=d.key, values=d.values, package_ids=d.gap)
-        for d in _decide(step, upstream, groups, now=now or timezone.now(), full=False)
-        if d.gap
-    }
-
-
-# --- why ----------------------------------------------------------------------------------------
-def explain_step(step: ReductionStep, sub_group_key: str | None = None) -> str:
-    """One sentence for ``manage.py why``: why (step, sub-group) has no run yet, or what the
-    next evaluation does. Without a key, a summary over the step's sub-groups (or the one
-    sub-group when there is only one). Reads only."""
-    from pipelines.grouping import package_sub_groups
-
-    pipeline = step.pipeline
-    label = f"step {pipeline.name}/{step.name}"
-    if not pipeline.enabled:
-        return (
-            f"{label}: pipeline {pipeline.name} is disabled, so the trigger manager creates "
-            "no runs for it."
-        )
-    try:
-        location = processing_location_id()
-    except ImproperlyConfigured as exc:
-        return f"{label}: this instance serves no location ({exc})."
-    if location is not None and pipeline.processing_location_id != location:
-        return (
-            f"{label}: pipeline {pipeline.name} runs at processing location "
-            f"{pipeline.processing_location}, not at this instance's (PROCESSING_LOCATION_ID="
-            f"{location}); that location's trigger manager evaluates it."
-        )
-    upstream = dict(_ordered_steps(pipeline)).get(step, [])
-    try:
-        groups = package_sub_groups(pipeline_packages(pipeline), list(step.group_by or []))
-    except ValidationError as exc:
-        return (
-            f"{label}: grouping {pipeline.data_grouping.name} or the step's group_by is invalid, "
-            f"so no run can be made: {'; '.join(exc.messages)}."
-        )
-    if sub_group_key is not None:
-        if sub_group_key not in groups:
-            return (
-                f"{label}: no matching data for sub-group {sub_group_key!r} (grouping "
-                f"{pipeline.data_grouping.name} selects no package of it"
-                + (
-                    ""
-                    if _rules_mention_state(pipeline.data_grouping.filter_rules)
-                    else " that is archived"
-                )
-                + ")."
-            )
-        groups = {sub_group_key: groups[sub_group_key]}
-    if not groups:
-        return f"{label}: no matching data: grouping {pipeline.data_grouping.name} selects no " + (
-            "package."
-            if _rules_mention_state(pipeline.data_grouping.filter_rules)
-            else "archived package."
-        )
-    now = timezone.now()
-    decisions = _decide(step, upstream, groups, now=now, full=False)
-    if len(decisions) == 1:
-        return f"{label} [{decisions[0].key}]: {_words(decisions[0], pipeline, upstream, now)}."
-    counts: dict[str, int] = defaultdict(int)
-    for d in decisions:
-        counts[_short(d, pipeline, upstream)] += 1
-    parts = ", ".join(f"{n} {what}" for what, n in sorted(counts.items(), key=lambda i: -i[1]))
-    return f"{label}: {len(decisions)} sub-groups: {parts} (give a sub-group key for details)."
-
-
-def _gated(pipeline: Pipeline, upstream: Sequence[ReductionStep], now: datetime) -> str:
-    """Why a root step's gap waits for its trigger type, or '' when it does not."""
-    if upstream or pipeline.trigger_type == TriggerType.CONTINUOUS:
-        return ""
-    if pipeline.trigger_type == TriggerType.MANUAL:
-        return "pipeline is MANUAL: it runs only when someone triggers it (pipeline_trigger)"
-    due = cron_next_due(pipeline, now)
-    when = due.isoformat(timespec="seconds") if due else "never (invalid cron expression)"
-    cron = (pipeline.trigger_config or {}).get("cron", "")
-    return f"pipeline is CRON ({cron}): evaluated next at {when}"
-
-
-def _words(
-    d: Decision, pipeline: Pipeline, upstream: Sequence[ReductionStep], now: datetime
-) -> str:
-    left_out = (
-        f"; {len(d.excluded)} packages left out (upstream failed for good or cancelled)"
-        if d.excluded
-        else ""
-    )
-    if d.reason == Reason.NO_DATA:
-        return "no matching data"
-    if d.reason == Reason.OCCUPIED:
-        status = (
-            ExecutedReductionStep.objects.filter(pk=d.run_id or 0)
-            .values_list("status", flat=True)
-            .first()
-        )
-        return f"run {d.run_id} is {status} for this sub-group (one run at a time)"
-    if d.reason == Reason.WAITING_UPSTREAM:
-        run = (
-            ExecutedReductionStep.objects.filter(pk=d.run_id or 0)
-            .select_related("reduction_step")
-            .first()
-        )
-        what = f"{run.reduction_step.name}, {run.status}" if run else "gone"
-        return f"waiting for upstream run {d.run_id} ({what}) to complete"
-    if d.reason == Reason.UPSTREAM_LEFT_OUT:
-        return (
-            f"its data's upstream runs failed for good or were cancelled, so it is left out "
-            f"({d.excluded[0]['reason']}{' and others' if len(d.excluded) > 1 else ''})"
-        )
-    if d.reason == Reason.NO_UPSTREAM_DATA:
-        names = ", ".join(u.name for u in upstream)
-        return f"no package of it has a completed run of upstream step {names} yet"
-    if d.reason == Reason.GAP_EMPTY:
-        return (
-            f"gap empty: all {len(d.package_ids)} packages are inputs of run {d.run_id} or an "
-            f"earlier one; only new data reopens it{left_out}"
-        )
-    if d.reason == Reason.COOLDOWN:
-        assert d.until is not None
-        return (
-            f"gap of {len(d.gap)} new packages, in cooldown until "
-            f"{d.until.isoformat(timespec='seconds')} (run {d.run_id} was created "
-            f"less than {d.step.cooldown_seconds} s before){left_out}"
-        )
-    gated = _gated(pipeline, upstream, now)
-    if gated:
-        return f"gap of {len(d.gap)} new packages, but the {gated}"
-    return (
-        f"gap of {len(d.gap)} new packages: the next evaluation creates a run over all "
-        f"{len(d.package_ids)}{left_out}"
-    )
-
-
-def _short(d: Decision, pipeline: Pipeline, upstream: Sequence[ReductionStep]) -> str:
-    if d.reason == Reason.CREATE:
-        gated = _gated(pipeline, upstream, timezone.now())
-        return (
-            "with a gap waiting for their trigger"
-            if gated
-            else "with a gap (a run at the next evaluation)"
-        )
-    return {
-        Reason.NO_DATA: "without data",
-        Reason.OCCUPIED: "with a run in progress",
-        Reason.WAITING_UPSTREAM: "waiting for an upstream run",
-        Reason.UPSTREAM_LEFT_OUT: "left out (upstream failed or cancelled)",
-        Reason.NO_UPSTREAM_DATA: "without completed upstream data",
-        Reason.GAP_EMPTY: "with an empty gap",
-        Reason.COOLDOWN: "in cooldown",
-    }[d.reason]
