@@ -3,7 +3,7 @@ lock every move that reduces an object's good copies takes first."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from django.db import models, transaction
 from django.utils import timezone
@@ -93,16 +93,32 @@ def copy_lock_object(copy: PhysicalCopy) -> models.Model:
     if not transaction.get_connection().in_atomic_block:
         raise RuntimeError("copy_lock_object() must run inside transaction.atomic()")
     if copy.kind == PhysicalCopy.Kind.RAW_DATA_PACKAGE:
-        return RawDataPackage.objects.select_for_update().get(pk=copy.raw_data_package_id)
+        return RawDataPackage.objects.select_for_update().get(
+            pk=_object_id(copy, copy.raw_data_package_id)
+        )
     if copy.kind == PhysicalCopy.Kind.RAW_DATA_FILE:
+        file_id = _object_id(copy, copy.raw_data_file_id)
         package_id = (
-            RawDataFile.objects.filter(pk=copy.raw_data_file_id)
+            RawDataFile.objects.filter(pk=file_id)
             .values_list("raw_data_package_id", flat=True)
             .get()
         )
         if package_id is not None:
             return RawDataPackage.objects.select_for_update().get(pk=package_id)
-        return RawDataFile.objects.select_for_update().get(pk=copy.raw_data_file_id)
+        return RawDataFile.objects.select_for_update().get(pk=file_id)
     if copy.kind == PhysicalCopy.Kind.DATA_TRANSFER_PACKAGE:
-        return DataTransferPackage.objects.select_for_update().get(pk=copy.data_transfer_package_id)
-    return DataProduct.objects.select_for_update().get(pk=copy.data_product_id)
+        return DataTransferPackage.objects.select_for_update().get(
+            pk=_object_id(copy, copy.data_transfer_package_id)
+        )
+    return DataProduct.objects.select_for_update().get(pk=_object_id(copy, copy.data_product_id))
+
+
+T = TypeVar("T")
+
+
+def _object_id(copy: PhysicalCopy, value: T | None) -> T:
+    # The check constraint guarantees the column its kind names is set; a copy built in memory
+    # without it is a programming error, said in words rather than as a failed lookup.
+    if value is None:
+        raise ValueError(f"copy {copy.pk} of kind {copy.kind} does not name its object")
+    return value
