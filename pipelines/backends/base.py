@@ -65,6 +65,11 @@ class JobSpec:
             raise ValueError(f"job name {self.name!r}: use letters, digits, '-', '_' and '.'")
         if not self.command:
             raise ValueError(f"job {self.name}: empty command")
+        # A number in argv or env would only fail later, inside the spawn, far from its cause.
+        bad = [repr(a) for a in self.command if not isinstance(a, str)]
+        bad += [f"{k}={v!r}" for k, v in self.env.items() if not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"job {self.name}: command and env must be strings: {', '.join(bad)}")
 
 
 @dataclass(frozen=True)

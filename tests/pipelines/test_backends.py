@@ -81,6 +81,15 @@ def test_a_job_without_a_command_is_refused(tmp_path: Path) -> None:
         JobSpec(name="run-1-1", command=[], run_dir=tmp_path)
 
 
+def test_a_job_with_arguments_or_environment_that_are_not_strings_is_refused(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ValueError, match="must be strings: 3"):
+        JobSpec(name="run-1-1", command=["reduce", 3], run_dir=tmp_path)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="RUN=1"):
+        JobSpec(name="run-1-1", command=["x"], run_dir=tmp_path, env={"RUN": 1})  # type: ignore[dict-item]
+
+
 def test_a_status_outside_the_normalised_vocabulary_is_refused() -> None:
     # Behaviour 51: pending, running, completed, failed and nothing else.
     assert JOB_STATES == ("pending", "running", "completed", "failed")
