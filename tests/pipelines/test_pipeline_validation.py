@@ -556,6 +556,10 @@ def test_the_admin_add_form_refuses_an_upstream_step_of_another_pipeline(
 
     assert "of another pipeline" in form_errors(response)
     assert not ReductionStep.objects.filter(name="combine").exists()
+    (ours,) = chain(1)
+    data |= {"pipeline": ours.pipeline_id, "depends_on": [str(ours.pk)]}
+    assert operator_client.post(url, data).status_code == 302
+    assert list(ReductionStep.objects.get(name="combine").depends_on.all()) == [ours]
 
 
 # --- concurrency ---------------------------------------------------------------------------------
