@@ -43,10 +43,14 @@ from .transfers import (
     PrimaryTransferCursor,
     StagingJob,
 )
-from .workflow import (
+from .workflow import (  # campaigns (issue 12)
     ACTIVE_RUN_STATUSES,
+    CAMPAIGN_TRANSITIONS,
     CANCELLABLE_RUN_STATUSES,
     RUN_TRANSITIONS,
+    Campaign,
+    CampaignKind,
+    CampaignState,
     DataGrouping,
     DataProduct,
     DataProductType,
@@ -63,6 +67,7 @@ from .workflow import (
 
 __all__ = [
     "ACTIVE_RUN_STATUSES",
+    "CAMPAIGN_TRANSITIONS",
     "CANCELLABLE_RUN_STATUSES",
     "COPY_TRANSITIONS",
     "INTEGRITY_TRANSITIONS",
@@ -70,6 +75,9 @@ __all__ = [
     "RUN_TRANSITIONS",
     "STATUS_TRANSITIONS",
     "AppendOnlyError",
+    "Campaign",
+    "CampaignKind",
+    "CampaignState",
     "CopyRepair",
     "DarkFile",
     "DataGrouping",

@@ -379,6 +379,16 @@ class ReductionStep(TimeStamped):
             self.resource_requirements = validate_resource_requirements(self.resource_requirements)
         except ValidationError as exc:
             errors["resource_requirements"] = exc.messages
+        else:
+            # Campaigns topic (issue 12): after the shape check, the configured backend's own
+            # limits (SLURM: what the partition offers), so a step asking for more than the
+            # cluster can give is refused when it is saved, not when its first run is submitted.
+            from pipelines.backends.base import get_backend
+
+            try:
+                get_backend().validate_resources(self.resource_requirements)
+            except ValidationError as exc:
+                errors["resource_requirements"] = exc.messages
         # depends_on is saved after the row (a many-to-many), so a form that edits it sets
         # ``pending_depends_on`` to the upstream steps it is about to save (the admin does);
         # otherwise the saved links are checked against this row's (possibly changed) pipeline.
@@ -429,6 +439,97 @@ class TriggeredBy(models.TextChoices):
     BACKFILL = "backfill", "Backfill"
     REPROCESS = "reprocess", "Reprocessing"
     RETRY = "retry", "Retry"
+
+
+# --- Campaigns (issue 12, helper "campaigns"): backfills and reprocessing -----------------------
+class CampaignKind(models.TextChoices):
+    BACKFILL = "backfill", "Backfill"
+    REPROCESS = "reprocess", "Reprocessing"
+
+
+class CampaignState(models.TextChoices):
+    ACTIVE = "active", "Active"
+    FINISHED = "finished", "Finished"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+# A finished campaign reopens when it is run again and finds work it had not done (new data in
+# its time range); a cancelled one stays cancelled (running the command again starts anew).
+CAMPAIGN_TRANSITIONS: dict[str, set[str]] = {
+    CampaignState.ACTIVE: {CampaignState.FINISHED, CampaignState.CANCELLED},
+    CampaignState.FINISHED: {CampaignState.ACTIVE},
+    CampaignState.CANCELLED: set(),
+}
+
+
+class Campaign(StatefulModel, TimeStamped):
+    """A backfill or a reprocessing: who asked, why, what (``parameters``), how many of its runs
+    may be in the workflow at once (``max_active``, enforced by the workflow manager's claim, so
+    the throttle holds after the command has exited), and its progress. Its identity is
+    ``kind`` + ``parameters``: running the same command again finds this row and resumes it
+    (``parameters_key`` is their canonical hash; one live campaign per key)."""
+
+    TRANSITIONS: ClassVar[dict[str, dict[str, set[str]]]] = {"state": CAMPAIGN_TRANSITIONS}
+
+    Kind = CampaignKind
+    State = CampaignState
+
+    kind = models.CharField(max_length=10, choices=CampaignKind.choices)
+    state = models.CharField(
+        max_length=10, choices=CampaignState.choices, default=CampaignState.ACTIVE
+    )
+    parameters = models.JSONField(default=dict, blank=True, help_text="what the campaign covers")
+    parameters_key = models.CharField(max_length=64, editable=False)
+    reason = models.TextField(blank=True, default="")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="campaigns",
+    )
+    # Who asked when there is no user row: "command:backfill by <os user>".
+    requested_by = models.CharField(max_length=200, blank=True, default="")
+    max_active = models.PositiveIntegerField(
+        default=10, help_text="runs of this campaign admitted into the workflow at once"
+    )
+    # Progress, refreshed by campaign_advance (the command and the campaign manager's tick).
+    runs_created = models.PositiveIntegerField(default=0)
+    runs_active = models.PositiveIntegerField(default=0)
+    runs_completed = models.PositiveIntegerField(default=0)
+    runs_failed = models.PositiveIntegerField(default=0)
+    runs_cancelled = models.PositiveIntegerField(default=0)
+    waiting = models.PositiveIntegerField(
+        default=0, help_text="sub-groups not started yet (throttled or waiting for upstream)"
+    )
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "campaign"
+        ordering = ["-created_at"]
+        constraints = [
+            choices_check("kind", CampaignKind, "campaign_kind_valid"),
+            choices_check("state", CampaignState, "campaign_state_valid"),
+            models.CheckConstraint(
+                condition=models.Q(max_active__gte=1),
+                name="campaign_max_active_positive",
+                violation_error_message="A campaign admits at least one run at a time.",
+            ),
+            # Running the same command twice at once finds one campaign, never two.
+            models.UniqueConstraint(
+                fields=["kind", "parameters_key"],
+                condition=models.Q(state__in=["active", "finished"]),
+                name="campaign_one_live_per_parameters",
+                violation_error_message="A campaign with these parameters already exists.",
+            ),
+        ]
+        indexes = [
+            # campaign manager: the active campaigns.
+            models.Index(fields=["state", "created_at"], name="campaign_state_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display().lower()} campaign {self.pk}"
 
 
 class ExecutedReductionStep(StatefulModel, TimeStamped, Claimable):
@@ -501,6 +602,15 @@ class ExecutedReductionStep(StatefulModel, TimeStamped, Claimable):
     # Packages of the sub-group left out because their upstream run failed for good or was
     # cancelled: [{"package": id, "name": ..., "reason": ...}]; the manifest repeats it.
     excluded_inputs = models.JSONField(default=list, blank=True)
+    # Campaigns (issue 12): the backfill or reprocessing that created this run (the workflow
+    # manager admits at most campaign.max_active of its runs at once), and for a reprocessing
+    # run the run whose (stale) products it replaces.
+    campaign = models.ForeignKey(
+        Campaign, on_delete=models.PROTECT, null=True, blank=True, related_name="runs"
+    )
+    replaces = models.ForeignKey(
+        "self", on_delete=models.PROTECT, null=True, blank=True, related_name="replacements"
+    )
 
     class Meta:
         db_table = "executed_reduction_step"
@@ -576,6 +686,12 @@ class DataProduct(TimeStamped):
     # Set when the software version or instrument parameters that made it have changed.
     stale_since = models.DateTimeField(null=True, blank=True)
     stale_reason = models.CharField(max_length=500, blank=True, default="")
+    # Campaigns (issue 12): a reprocessing run's product that replaces this one. A superseded
+    # product keeps its files, copies and lineage (nothing is deleted); it is history.
+    superseded_by = models.ForeignKey(
+        "self", on_delete=models.PROTECT, null=True, blank=True, related_name="supersedes"
+    )
+    superseded_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         db_table = "data_product"
