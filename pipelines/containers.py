@@ -36,6 +36,8 @@ RUNTIMES = ("none", "apptainer", "podman", "docker")
 CONTAINER_ROOT = "/workflow"
 # Subdirectories of output/ and the DataProduct type the result-manager gives their files.
 OUTPUT_SUBDIRS = ("science", "qa", "plots", "statistics", "logs")
+# The directories of an attempt, each bound at /workflow/<name> in a container.
+_DIR_NAMES = ("input", "config", "workspace", "output", "logs")
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA = 1
 
@@ -191,9 +193,6 @@ def container_paths(layout: RunLayout, *, runtime: str) -> dict[str, str]:
             "logs": str(layout.logs),
         }
     return {name: f"{CONTAINER_ROOT}/{name}" for name in _DIR_NAMES}
-
-
-_DIR_NAMES = ("input", "config", "workspace", "output", "logs")
 
 
 def workflow_env(
