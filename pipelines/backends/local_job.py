@@ -264,6 +264,9 @@ def main(argv: list[str]) -> int:
         elif time_limit is not None:
             signal.setitimer(signal.ITIMER_REAL, max(time_limit, 0.01))
         _pid, status, rusage = os.wait4(pid, 0)
+    # What stopped the command is decided when it ended: a signal that comes in after (a cancel
+    # racing the end) does not turn a finished job into a stopped one.
+    stop_reason = job.stop_reason
     wall = time.monotonic() - start
     signal.setitimer(signal.ITIMER_REAL, 0)
     returncode = os.waitstatus_to_exitcode(status) if pid else 127
@@ -274,7 +277,7 @@ def main(argv: list[str]) -> int:
         {
             "exit_code": exit_code,
             "signal": signum,
-            "reason": _exit_reason(spawn_error, job.stop_reason, signum, exit_code),
+            "reason": _exit_reason(spawn_error, stop_reason, signum, exit_code),
             "started_at": started_at,
             "finished_at": now_iso(),
             "wall_seconds": round(wall, 6),
