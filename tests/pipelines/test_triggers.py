@@ -5,6 +5,8 @@ IntegrityError never leaves a tick). SQLite by default; PostgreSQL with DATABASE
 
 from __future__ import annotations
 
+import logging
+from collections import defaultdict
 from datetime import timedelta
 from unittest import mock
 
@@ -240,7 +242,8 @@ def test_a_cancelled_run_is_not_re_created_at_the_next_tick() -> None:
     assert runs_of(calibrate) == [run]
 
 
-def test_an_integrity_error_from_a_racing_manager_never_leaves_the_tick() -> None:
+def test_an_integrity_error_from_a_racing_manager_never_leaves_the_tick(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="pipelines.services.triggers")
     p = pipeline()
     calibrate = step(p, group_by=[])
     archived()
@@ -248,10 +251,17 @@ def test_an_integrity_error_from_a_racing_manager_never_leaves_the_tick() -> Non
     # sees no run at all (its stale view) and inserts into an occupied sub-group.
     ExecutedReductionStepFactory(reduction_step=calibrate, sub_group_key="all")
     # The caller's transaction stays usable: the failed insert rolled back to its savepoint.
-    with mock.patch.object(triggers.gap, "_runs_by_key", return_value={}), transaction.atomic():
-        assert tick() == {"created": 0, "full": 1, "errors": 0}
+    stale = defaultdict(lambda: defaultdict(list))
+    with (
+        mock.patch.object(triggers.gap, "_runs_by_key", return_value={}),
+        mock.patch.object(triggers.manager, "runs_of_steps", return_value=stale),
+        transaction.atomic(),
+    ):
+        assert tick() == {"created": 0, "full": 1, "errors": 0}  # the batched full evaluation
+        assert pipeline_evaluate(p, full=True) == []  # one pipeline at a time
         assert ExecutedReductionStep.objects.count() == 1
     assert len(runs_of(calibrate)) == 1
+    assert caplog.text.count("not created, the sub-group is occupied") == 2
 
 
 def _calibrate_and_combine(**kwargs):  # type: ignore[no-untyped-def]

@@ -11,7 +11,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from pipelines.models import PackageState, Pipeline, RunStatus
+from pipelines.models import ExecutedReductionStep, PackageState, Pipeline, RunStatus
 from pipelines.services import triggers
 from pipelines.services.archive import mark_archived
 from pipelines.services.triggers import trigger_evaluate_now
@@ -228,3 +228,24 @@ def test_new_packages_are_matched_to_groupings_a_batch_of_groupings_per_statemen
             assert [inputs(r) for r in runs] == [{x.pk for x in made[i]}]
         else:
             assert runs == []
+
+
+def test_a_full_re_evaluation_reads_a_batch_of_pipelines_in_a_few_statements() -> None:
+    start = timezone.now()
+    for _ in range(8):
+        p = pipeline()
+        calibrate = step(p, step_order=1)
+        step(p, step_order=2, group_by=[], upstream=[calibrate])
+    for _ in range(3):
+        archived(at=start - timedelta(minutes=5))
+    tick(start)
+    for run in ExecutedReductionStep.objects.all():
+        finish(run, RunStatus.COMPLETED)
+    tick(start + timedelta(seconds=10))  # the combine runs
+    Pipeline.objects.update(full_evaluation_at=None)
+    with CaptureQueriesContext(connection) as queries:
+        assert tick(start + timedelta(seconds=20)) == {"created": 0, "full": 8, "errors": 0}
+    # location, pipelines, steps, dependencies, claim UPDATE + read-back, members, one split
+    # per non-empty group_by, runs, watermark UPDATE, and the incremental part's (no pipeline
+    # left: new packages, finished runs, cooldowns, UPDATE) -- nothing per pipeline.
+    assert len(queries) <= 16, [q["sql"][:70] for q in queries.captured_queries]

@@ -165,6 +165,50 @@ def _upstream_runs(
     return runs, latest
 
 
+def runs_of_steps(step_ids: Sequence[int]) -> dict[int, dict[str, list[RunInfo]]]:
+    """Every run of the given steps with its inputs, {step id: {key: runs newest first}}: one
+    query per 500 steps (runs LEFT JOIN their inputs)."""
+    result: dict[int, dict[str, list[RunInfo]]] = defaultdict(lambda: defaultdict(list))
+    by_id: dict[int, RunInfo] = {}
+    ids = list(step_ids)
+    for start in range(0, len(ids), 500):
+        rows = (
+            ExecutedReductionStep.objects.filter(reduction_step_id__in=ids[start : start + 500])
+            .order_by("-created_at", "-pk")
+            .values_list(
+                "reduction_step_id",
+                "pk",
+                "sub_group_key",
+                "status",
+                "failed_for_good",
+                "created_at",
+                "input_raw_packages",
+            )
+        )
+        for step_id, pk, key, status, failed_for_good, created_at, package_id in rows:
+            info = by_id.get(pk)
+            if info is None:
+                info = by_id[pk] = RunInfo(pk, status, failed_for_good, created_at)
+                result[step_id][key].append(info)
+            if package_id is not None:
+                info.packages.add(package_id)
+    return result
+
+
+def _latest_by_package(
+    by_key: dict[str, list[RunInfo]],
+) -> tuple[dict[int, RunInfo], dict[int, int]]:
+    """``_upstream_runs`` from runs already loaded."""
+    runs = {r.id: r for group in by_key.values() for r in group}
+    latest: dict[int, int] = {}
+    for info in runs.values():
+        for package_id in info.packages:
+            current = latest.get(package_id)
+            if current is None or (info.created_at, info.id) > (runs[current].created_at, current):
+                latest[package_id] = info.id
+    return runs, latest
+
+
 # --- decisions ----------------------------------------------------------------------------------
 class Reason:
     """What an evaluation found for one (step, sub-group); ``explain_step`` words them."""
@@ -205,10 +249,15 @@ def _decide(
     now: datetime,
     full: bool,
     respect_cooldown: bool = True,
+    runs_of: dict[int, dict[str, list[RunInfo]]] | None = None,
 ) -> list[Decision]:
     """Decide every sub-group of ``step`` without writing anything. ``full`` loads all of the
-    step's runs (one query each) instead of those of the given sub-groups."""
-    runs_by_key = _runs_by_key(step, None if full else sub_groups.keys())
+    step's runs (one query each) instead of those of the given sub-groups; ``runs_of`` are all
+    runs of this step and its upstream steps by step id (``runs_of_steps``), already loaded."""
+    if runs_of is not None:
+        runs_by_key = runs_of.get(step.pk, {})
+    else:
+        runs_by_key = _runs_by_key(step, None if full else sub_groups.keys())
     eligible_of: dict[str, list[int]] = {}
     excluded_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
     waiting_of: dict[str, int] = {}
@@ -217,7 +266,10 @@ def _decide(
         wanted: set[int] | None = None
         if not full:
             wanted = {p for group in sub_groups.values() for p in group.package_ids}
-        states = [(u, *_upstream_runs(u, wanted)) for u in upstream]
+        if runs_of is not None:
+            states = [(u, *_latest_by_package(runs_of.get(u.pk, {}))) for u in upstream]
+        else:
+            states = [(u, *_upstream_runs(u, wanted)) for u in upstream]
         names = _package_names(sub_groups, states)
         for key, group in sub_groups.items():
             eligible: list[int] = []

@@ -36,12 +36,14 @@ from pipelines.services.states import record_creation
 from .gap import (
     Decision,
     Reason,
+    RunInfo,
     RunInputs,
     _decide,
     _ordered_steps,
     _steps_of,
     pipeline_packages,
     processing_location_id,
+    runs_of_steps,
     served_pipelines,
 )
 
@@ -329,6 +331,14 @@ def _advance(pipeline: Pipeline, *, now: datetime, full: bool) -> None:
         pipeline.full_evaluation_at = now
 
 
+def _advance_all(pipeline_ids: Sequence[int], *, now: datetime) -> None:
+    """``_advance`` of the watermark for many pipelines in one UPDATE."""
+    mark = now - WATERMARK_LAG
+    Pipeline.objects.filter(pk__in=list(pipeline_ids)).filter(
+        Q(trigger_watermark__isnull=True) | Q(trigger_watermark__lt=mark)
+    ).update(trigger_watermark=mark)
+
+
 def _changes(
     pipelines: Sequence[Pipeline],
     *,
@@ -441,6 +451,7 @@ def _tick(*, owner: str, now: datetime | None, allow_full: bool) -> dict[str, in
     cron_due: dict[int, bool] = {}
     served = list(served_pipelines())
     steps = _steps_of(served)
+    wants_full: list[tuple[Pipeline, bool]] = []  # (pipeline, never evaluated)
     for pipeline in served:
         cron_due[pipeline.pk] = pipeline.trigger_type == TriggerType.CRON and _claim_cron_due(
             pipeline, now
@@ -449,33 +460,57 @@ def _tick(*, owner: str, now: datetime | None, allow_full: bool) -> dict[str, in
         stale = (
             pipeline.full_evaluation_at is None or pipeline.full_evaluation_at <= now - full_every
         )
-        if (
-            cron_due[pipeline.pk]
-            or never
-            or (allow_full and stale and time.monotonic() - started < budget)
-        ):
-            if not cron_due[pipeline.pk] and not _claim_full(pipeline, now, full_every):
-                continue  # another manager is evaluating it in full right now
-            roots = _roots_allowed(pipeline, cron_due=cron_due[pipeline.pk])
+        if cron_due[pipeline.pk]:
+            # A due time looks at everything since the last one; claimed once above.
             try:
                 created += _evaluate(
-                    pipeline,
-                    now=now,
-                    full=True,
-                    roots=roots,
-                    actor=actor,
-                    steps=steps[pipeline.pk],
+                    pipeline, now=now, full=True, roots=True, actor=actor, steps=steps[pipeline.pk]
                 )
             except Exception:
-                # One broken pipeline (rules edited around validation, say) must not stop the
-                # others; its watermark stays, so the next ticks look at its changes again.
                 log.exception("trigger manager: evaluating pipeline %s failed", pipeline)
                 errors += 1
                 continue
-            _advance(pipeline, now=now, full=cron_due[pipeline.pk])
+            _advance(pipeline, now=now, full=True)
             full_count += 1
+        elif never or (allow_full and stale):
+            wants_full.append((pipeline, never))
         else:
             incremental.append(pipeline)
+    # Full re-evaluations in batches, by priority, while the tick has spent less than half its
+    # interval (never-evaluated pipelines always); the rest are evaluated incrementally now and
+    # in full by a later tick.
+    for start in range(0, len(wants_full), FULL_BATCH):
+        chunk = wants_full[start : start + FULL_BATCH]
+        if time.monotonic() - started >= budget:
+            incremental += [p for p, never in chunk if not never]
+            chunk = [(p, never) for p, never in chunk if never]
+        claimed = _claim_full_batch([p for p, _never in chunk], now, full_every)
+        try:
+            with transaction.atomic():  # the batch's reads and runs together, or per pipeline
+                created += _evaluate_full_batch(claimed, now=now, actor=actor, steps_of=steps)
+            evaluated = claimed
+        except Exception:
+            log.exception("trigger manager: a batch of full evaluations failed; one at a time")
+            evaluated = []
+            for pipeline in claimed:
+                try:
+                    created += _evaluate(
+                        pipeline,
+                        now=now,
+                        full=True,
+                        roots=_roots_allowed(pipeline, cron_due=False),
+                        actor=actor,
+                        steps=steps[pipeline.pk],
+                    )
+                except Exception:
+                    # One broken pipeline (rules edited around validation, say) must not stop
+                    # the others; its watermark stays, so later ticks look at it again.
+                    log.exception("trigger manager: evaluating pipeline %s failed", pipeline)
+                    errors += 1
+                    continue
+                evaluated.append(pipeline)
+        _advance_all([p.pk for p in evaluated], now=now)
+        full_count += len(evaluated)
     changes = _changes(incremental, now=now, steps_of=steps)
     _match_new_packages([p for p in incremental if _roots_allowed(p, cron_due=False)], changes)
     advanced: list[int] = []
@@ -498,11 +533,7 @@ def _tick(*, owner: str, now: datetime | None, allow_full: bool) -> dict[str, in
                 errors += 1
                 continue
         advanced.append(pipeline.pk)
-    # One UPDATE for all of them (never backwards: another manager may be ahead).
-    mark = now - WATERMARK_LAG
-    Pipeline.objects.filter(pk__in=advanced).filter(
-        Q(trigger_watermark__isnull=True) | Q(trigger_watermark__lt=mark)
-    ).update(trigger_watermark=mark)
+    _advance_all(advanced, now=now)
     return {"created": len(created), "full": full_count, "errors": errors}
 
 
@@ -544,15 +575,126 @@ def _match_new_packages(pipelines: Sequence[Pipeline], changes: dict[int, _Affec
             changes[pipeline.pk].matched = True
 
 
-def _claim_full(pipeline: Pipeline, now: datetime, every: timedelta) -> bool:
-    claimed = (
-        Pipeline.objects.filter(pk=pipeline.pk)
-        .filter(Q(full_evaluation_at__isnull=True) | Q(full_evaluation_at__lte=now - every))
-        .update(full_evaluation_at=now)
+# Pipelines re-evaluated in full together: their claim, members, sub-groups and runs are read
+# in a few statements for the whole batch instead of five or so for each pipeline.
+FULL_BATCH = 100
+
+
+def _members_of(pipelines: Sequence[Pipeline]) -> dict[int, list[int]]:
+    """Each pipeline's packages (``pipeline_packages``), one SELECT per grouping sent
+    ``MATCH_BATCH`` at a time as one UNION ALL statement."""
+    members: dict[int, list[int]] = defaultdict(list)
+    for start in range(0, len(pipelines), MATCH_BATCH):
+        selects = [
+            pipeline_packages(p)
+            .order_by()
+            .annotate(_pipeline=Value(p.pk, output_field=BigIntegerField()))
+            .values_list("_pipeline", "pk")
+            for p in pipelines[start : start + MATCH_BATCH]
+        ]
+        query = selects[0].union(*selects[1:], all=True) if len(selects) > 1 else selects[0]
+        for pipeline_id, package_id in query:
+            members[pipeline_id].append(package_id)
+    return members
+
+
+def _sub_groups_of(
+    members: dict[int, list[int]], group_by: list[str]
+) -> dict[int, dict[str, SubGroup]]:
+    """Split each pipeline's members by ``group_by``: a package's sub-group key depends only on
+    the package, so every package of the batch is keyed once (``package_sub_groups`` over them,
+    5000 ids per statement) and each pipeline gets its own packages of each key."""
+    from pipelines.grouping import SubGroup, package_sub_groups, sub_group_key
+
+    result: dict[int, dict[str, SubGroup]] = {}
+    if not group_by:
+        key = sub_group_key([], {})
+        for pipeline_id, ids in members.items():
+            result[pipeline_id] = {key: SubGroup(key=key, values={}, package_ids=sorted(ids))}
+        return result
+    everyone = sorted({p for ids in members.values() for p in ids})
+    key_of: dict[int, str] = {}
+    values_of: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(everyone), 5000):
+        chunk = RawDataPackage.objects.filter(pk__in=everyone[start : start + 5000])
+        for key, group in package_sub_groups(chunk, group_by).items():
+            values_of[key] = group.values
+            for package_id in group.package_ids:
+                key_of[package_id] = key
+    for pipeline_id, ids in members.items():
+        groups: dict[str, SubGroup] = {}
+        for package_id in sorted(ids):
+            key = key_of[package_id]
+            if key not in groups:
+                groups[key] = SubGroup(key=key, values=values_of[key])
+            groups[key].package_ids.append(package_id)
+        result[pipeline_id] = dict(sorted(groups.items()))
+    return result
+
+
+def _evaluate_full_batch(
+    pipelines: Sequence[Pipeline],
+    *,
+    now: datetime,
+    actor: str,
+    steps_of: dict[int, list[tuple[ReductionStep, list[ReductionStep]]]],
+) -> list[ExecutedReductionStep]:
+    """``_evaluate(full=True)`` for several claimed CONTINUOUS/MANUAL/CRON-not-due pipelines
+    at once (root steps only for CONTINUOUS ones): the same decisions, from members, sub-groups
+    and runs read for the whole batch."""
+    members = _members_of(pipelines)
+    group_bys = {
+        tuple(step.group_by or []) for p in pipelines for step, _upstream in steps_of.get(p.pk, [])
+    }
+    split = {gb: _sub_groups_of(members, list(gb)) for gb in group_bys}
+    runs_of = runs_of_steps(
+        [step.pk for p in pipelines for step, _upstream in steps_of.get(p.pk, [])]
     )
-    if claimed:
-        pipeline.full_evaluation_at = now
-    return bool(claimed)
+    created: list[ExecutedReductionStep] = []
+    for pipeline in pipelines:
+        roots = _roots_allowed(pipeline, cron_due=False)
+        for step, upstream in steps_of.get(pipeline.pk, []):
+            if not upstream and not roots:
+                continue
+            sub_groups = split[tuple(step.group_by or [])].get(pipeline.pk, {})
+            if not sub_groups:
+                continue
+            for decision in _decide(
+                step, upstream, sub_groups, now=now, full=True, runs_of=runs_of
+            ):
+                if decision.reason != Reason.CREATE:
+                    continue
+                run = _create_run(
+                    decision,
+                    triggered_by=ExecutedReductionStep.TriggeredBy.AUTOMATIC,
+                    actor=actor,
+                )
+                if run is not None:
+                    created.append(run)
+                    # Its downstream steps, decided next, must see it in progress.
+                    info = RunInfo(run.pk, run.status, False, run.created_at)
+                    info.packages.update(decision.package_ids)
+                    runs_of[step.pk][decision.key].insert(0, info)
+    return created
+
+
+def _claim_full_batch(
+    pipelines: Sequence[Pipeline], now: datetime, every: timedelta
+) -> list[Pipeline]:
+    """Claim the full re-evaluation of those of ``pipelines`` still due, by one conditional
+    UPDATE that stamps ``full_evaluation_at = now`` and reads back who carries this stamp (the
+    portable UPDATE ... RETURNING; two managers never share a microsecond ``now``)."""
+    ids = [p.pk for p in pipelines]
+    Pipeline.objects.filter(pk__in=ids).filter(
+        Q(full_evaluation_at__isnull=True) | Q(full_evaluation_at__lte=now - every)
+    ).update(full_evaluation_at=now)
+    mine = set(
+        Pipeline.objects.filter(pk__in=ids, full_evaluation_at=now).values_list("pk", flat=True)
+    )
+    for pipeline in pipelines:
+        if pipeline.pk in mine:
+            pipeline.full_evaluation_at = now
+    return [p for p in pipelines if p.pk in mine]
 
 
 def queue_trigger_evaluation() -> None:
