@@ -13,12 +13,12 @@ state are never polled, behaviour 40), and applies the answer (``run_apply_statu
 
 ``run_collect`` registers the attempt's outputs: files under ``output/science``, ``qa``,
 ``plots``, ``statistics`` and ``logs`` become SCIENCE, QA_METRIC, PLOT, STATISTICS and LOG
-products, files under ``workspace/<step>/`` INTERMEDIATE ones, and the job's own ``logs/*.log``
-LOG ones, each with its checksum and a verified PhysicalCopy at the processing location. All
-files are hashed first, then every product, copy and the move to COMPLETED are written in ONE
-transaction conditional on the claim token: a worker that dies while collecting leaves nothing
-registered, its lease runs out, the tick claims the run again and collects it once
-(``runs_reclaim_collection``). An error while collecting fails the run (behaviour 37).
+products and files under ``workspace/<step>/`` INTERMEDIATE ones, each with its checksum and
+a verified PhysicalCopy at the processing location. All files are hashed first, then every
+product, copy and the move to COMPLETED are written in ONE transaction conditional on the claim
+token: a worker that dies while collecting leaves nothing registered, its lease runs out, the
+tick claims the run again and collects it once (``runs_reclaim_collection``). An error while
+collecting fails the run (behaviour 37).
 
 Lineage: a product's ``produced_by`` run holds ``input_raw_packages`` and ``input_products``,
 so ``product_raw_packages`` walks any product back to the raw data it came from.
@@ -360,18 +360,15 @@ def run_collect(run_id: int, *, token: str, owner: str) -> ExecutedReductionStep
 
 def discover_outputs(run_dir: Path, step_name: str) -> list[tuple[str, str]]:
     """(path below ``run_dir``, product type) of every file to register, sorted: the typed
-    ``output/`` subdirectories, ``workspace/<step_name>/`` (intermediates) and the job's
-    ``logs/*.log``. Files elsewhere (the top of ``output/``, other subdirectories, other steps'
-    workspaces copied in as inputs) are not products of this run and are skipped."""
+    ``output/`` subdirectories and ``workspace/<step_name>/`` (intermediates). Files elsewhere
+    are not products of this run and are skipped: the top of ``output/`` and unknown
+    subdirectories (outside the contract), the inputs, and the backend's own ``logs/`` (still
+    written by the backend after the job's end, so no checksum of them would hold; the run's
+    ``log_path`` points there)."""
     found: list[tuple[str, str]] = []
     for subdir, product_type in OUTPUT_TYPES.items():
         found += _files(run_dir, Path("output") / subdir, product_type)
     found += _files(run_dir, Path("workspace") / step_name, DataProductType.INTERMEDIATE)
-    found += [
-        (str(Path("logs") / p.name), DataProductType.LOG)
-        for p in sorted((run_dir / "logs").glob("*.log"))
-        if p.is_file()
-    ]
     return found
 
 
