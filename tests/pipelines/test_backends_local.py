@@ -499,3 +499,27 @@ def test_cancel_of_a_job_already_lost_marks_it_cancelled(
 
     status = backend.get_status([job_id])[job_id]
     assert (status.state, status.reason) == ("failed", "cancelled")
+
+
+def test_jobs_start_the_wrapper_from_bytecode_compiled_once(
+    backend: LocalBackend, spec: Callable[..., JobSpec], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import py_compile
+
+    from pipelines.backends import local
+
+    first = backend.submit(spec("run-90-1", "true"))
+    second = backend.submit(spec("run-91-1", "true"))
+
+    compiled = list(backend.state_dir.glob("local_job.*.pyc"))
+    assert len(compiled) == 1
+    for job_id in (first, second):
+        assert wait_for(backend, job_id, ("completed", "failed")).state == "completed"
+
+    def broken(*_args: Any, **_kwargs: Any) -> None:
+        raise py_compile.PyCompileError(SyntaxError, SyntaxError("x"), "local_job.py")
+
+    monkeypatch.setattr(local, "_compiled", {})
+    monkeypatch.setattr(py_compile, "compile", broken)
+    other = backend.state_dir / "elsewhere"
+    assert local.compiled_wrapper(other) == WRAPPER, "the source when bytecode cannot be made"
