@@ -1,14 +1,13 @@
 """The local backend's job wrapper: runs one job's command detached and leaves its end in files.
 
-    python -S pipelines/backends/local_job.py RUN_DIR --lock-fd N [--time-limit S] [--grace S]
-        -- ARGV...
+    python -S local_job.py RUN_DIR --lock-fd N [--time-limit S] [--grace S] -- ARGV...
 
 Started by ``LocalBackend.submit`` in a session of its own, so the job outlives the worker that
 submitted it. Every step of a pipeline pays for this wrapper's start, so it runs with ``-S`` (no
-site-packages) and imports only ``os``, ``sys``, ``_signal`` and ``time``: no
-Django, no ``json``/``subprocess``/``pathlib`` (the command is started with ``posix_spawn``
-and reaped with ``wait4``, which also gives its resource usage). Contract with ``local.py``,
-all under ``RUN_DIR/logs``:
+site-packages), from bytecode compiled once (``local.compiled_wrapper``), and imports only
+``os``, ``sys``, ``_signal`` and ``time``: no Django, no ``json``/``subprocess``/``pathlib``
+(the command is started with ``posix_spawn`` and reaped with ``wait4``, which also gives its
+resource usage). Contract with ``local.py``, all under ``RUN_DIR/logs``:
 
 - ``job.json``: written once the command is spawned: wrapper pid and process group, the
   command's pid and process group, start time, host.
