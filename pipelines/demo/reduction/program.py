@@ -428,7 +428,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Demo reduction: calibrate raw counts per scan, or combine calibrated "
         "spectra. Paths default to the /workflow contract's environment variables.",
     )
-    parser.add_argument("mode", choices=sorted(MODES))
+    parser.add_argument(
+        "mode",
+        choices=sorted(MODES),
+        help="calibrate: the manifest's raw inputs -> one calibrated spectrum per module; "
+        "combine: the upstream calibrated spectra -> one combined spectrum per module",
+    )
     parser.add_argument("--manifest", help="manifest.json (default: $WORKFLOW_MANIFEST)")
     parser.add_argument("--input-dir", help="base of the manifest's paths ($WORKFLOW_INPUT_DIR)")
     parser.add_argument("--output-dir", help="where products go ($WORKFLOW_OUTPUT_DIR)")
