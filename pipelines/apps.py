@@ -14,3 +14,17 @@ class PipelinesConfig(AppConfig):
         from reduction.signals import parameter_set_created
 
         parameter_set_created.connect(parameter_set_created_mark_stale)
+
+        # Staleness (issue 12, campaigns): a saved software version or step may change what a
+        # step resolves to; products made otherwise become stale (services/products.py).
+        from django.db.models.signals import post_save
+
+        from pipelines.models import ReductionSoftwareVersion, ReductionStep
+        from pipelines.receivers import version_or_step_saved_refresh_staleness
+
+        for model in (ReductionSoftwareVersion, ReductionStep):
+            post_save.connect(
+                version_or_step_saved_refresh_staleness,
+                sender=model,
+                dispatch_uid=f"staleness-{model.__name__}",
+            )

@@ -31,6 +31,9 @@ MANAGERS: dict[str, str] = {
     # their jobs, collect products, retry failed runs.
     "workflow": "pipelines.services.runs.workflow_manager_tick",
     "result": "pipelines.services.results.result_manager_tick",
+    # Campaigns (issue 12): advance backfills and reprocessing (downstream runs once their
+    # upstream completed, superseded products, progress), and refresh product staleness.
+    "campaign": "pipelines.services.campaigns.campaign_manager_tick",
 }
 
 # Managers beat fires on another schedule than WORKFLOW_MANAGER_INTERVAL: the setting holding

@@ -466,6 +466,14 @@ def run_result_manager() -> dict[str, int]:
     return _manager("result")
 
 
+# --- campaigns (issue 12): backfills and reprocessing ---------------------------------------------
+@shared_task(name="pipelines.tasks.run_campaign_manager")
+def run_campaign_manager() -> dict[str, int]:
+    """Periodic: advance active campaigns (downstream runs, superseded products, progress) and
+    refresh product staleness."""
+    return _manager("campaign")
+
+
 def _run_task(run_id: int, claim_token: str, work: Callable[..., Any]) -> dict[str, Any]:
     """A claimed run's worker: ``work(run_id, token=, owner=)``. A redelivered task whose claim
     no longer holds the run does nothing; any error fails the run's attempt (a retry while the

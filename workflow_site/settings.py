@@ -255,6 +255,12 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
         "task": "pipelines.tasks.run_result_manager",
         "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
     },
+    # Campaigns (issue 12), every WORKFLOW_MANAGER_INTERVAL (a minute): advance backfills and
+    # reprocessing (downstream runs, superseded products, progress); refresh staleness.
+    "run-campaign-manager": {
+        "task": "pipelines.tasks.run_campaign_manager",
+        "schedule": timedelta(seconds=WORKFLOW_MANAGER_INTERVAL),
+    },
 }
 
 # --- Facility -----------------------------------------------------------------------------------

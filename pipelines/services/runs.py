@@ -185,22 +185,29 @@ def run_claim_batch(*, owner: str, limit: int) -> list[int]:
     then oldest, with one new claim token and a lease, in one conditional UPDATE (two managers
     at once claim disjoint runs). Returns the ids claimed."""
     candidates = served_runs().order_by("-reduction_step__pipeline__priority", "created_at", "pk")
-    return transition_batch(
-        candidates,
-        RunStatus.STAGING_DATA,
-        expected=RunStatus.PENDING,
-        actor=f"manager:{owner}",
-        reason="claimed by the workflow manager",
-        updates={
-            "lease_owner": owner[:200],
-            "lease_expires_at": run_lease_expiry(),
-            "claim_token": new_claim_token(),
-            # A fresh claim has not handed the run to a submitter yet.
-            "idempotency_key": "",
-        },
-        marker="claim_token",
-        limit=limit,
-    )
+    with transaction.atomic():
+        # Campaigns (issue 12, helper "campaigns"): at most campaign.max_active runs of one
+        # backfill/reprocessing in the workflow at once; the filter locks those campaigns'
+        # rows until this claim commits (services/campaigns.py: campaign_admissible_runs).
+        from .campaigns import campaign_admissible_runs
+
+        candidates = candidates.filter(campaign_admissible_runs())
+        return transition_batch(
+            candidates,
+            RunStatus.STAGING_DATA,
+            expected=RunStatus.PENDING,
+            actor=f"manager:{owner}",
+            reason="claimed by the workflow manager",
+            updates={
+                "lease_owner": owner[:200],
+                "lease_expires_at": run_lease_expiry(),
+                "claim_token": new_claim_token(),
+                # A fresh claim has not handed the run to a submitter yet.
+                "idempotency_key": "",
+            },
+            marker="claim_token",
+            limit=limit,
+        )
 
 
 def runs_advance_staging(*, owner: str, limit: int) -> dict[str, int]:
