@@ -59,6 +59,8 @@ def test_it_says_which_run_occupies_the_sub_group() -> None:
     (run,) = runs_of(s)
     archived()
     assert f"run {run.pk} is pending for this sub-group" in explain_step(s, "all")
+    finish(run, RunStatus.FAILED)
+    assert f"run {run.pk} failed and awaits its retry" in explain_step(s, "all")
 
 
 def test_it_says_the_gap_is_empty() -> None:

@@ -16,6 +16,7 @@ from pipelines.models import (
     ExecutedReductionStep,
     Pipeline,
     ReductionStep,
+    RunStatus,
     TriggerType,
 )
 
@@ -126,6 +127,11 @@ def _words(
             .values_list("status", flat=True)
             .first()
         )
+        if status == RunStatus.FAILED:
+            return (
+                f"run {d.run_id} failed and awaits its retry, which keeps the sub-group "
+                "(one run at a time)"
+            )
         return f"run {d.run_id} is {status} for this sub-group (one run at a time)"
     if d.reason == Reason.WAITING_UPSTREAM:
         run = (
