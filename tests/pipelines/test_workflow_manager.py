@@ -308,3 +308,43 @@ def test_behaviour_50_every_workflow_task_routes_to_a_workflow_queue() -> None:
     assert route_task("pipelines.tasks.collect_run_results", [], {}, {})["queue"] == (
         "workflow.results"
     )
+
+
+def test_facility_run_is_not_idle_while_a_run_is_active_or_awaits_its_retry(
+    tmp_path: Path, fake_backend: type[FakeBackend]
+) -> None:
+    from pipelines.runner import failed_operations, unfinished_operations
+
+    w = world(tmp_path)
+    assert "executed_reduction_step" not in unfinished_operations()
+    run = w.run(status=RunStatus.RUNNING)
+    assert unfinished_operations()["executed_reduction_step"] == 1
+    ExecutedReductionStep.objects.filter(pk=run.pk).update(status=RunStatus.FAILED)
+    assert unfinished_operations()["executed_reduction_step"] == 1  # its retry is still to come
+    ExecutedReductionStep.objects.filter(pk=run.pk).update(failed_for_good=True)
+    assert "executed_reduction_step" not in unfinished_operations()
+    assert failed_operations()["executed_reduction_step"] == 1
+
+
+def test_the_backend_and_runtime_settings_default_to_local_and_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib
+
+    from django.core.exceptions import ImproperlyConfigured
+
+    from pipelines.containers import RUNTIMES
+    from workflow_site import settings as site_settings
+
+    monkeypatch.delenv("HPC_BACKEND", raising=False)
+    monkeypatch.delenv("CONTAINER_RUNTIME", raising=False)
+    fresh = importlib.reload(site_settings)
+    assert (fresh.HPC_BACKEND, fresh.CONTAINER_RUNTIME) == ("local", "none")
+    monkeypatch.setenv("CONTAINER_RUNTIME", "apptainer")
+    assert importlib.reload(site_settings).CONTAINER_RUNTIME == "apptainer"
+    monkeypatch.setenv("CONTAINER_RUNTIME", "singularity")
+    # The settings' literal choices are the containers' registry, in its order.
+    with pytest.raises(ImproperlyConfigured, match=", ".join(RUNTIMES)):
+        importlib.reload(site_settings)
+    monkeypatch.delenv("CONTAINER_RUNTIME")
+    importlib.reload(site_settings)
