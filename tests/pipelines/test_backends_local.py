@@ -397,6 +397,74 @@ def test_completion_is_pushed_to_the_broker_as_the_run_job_finished_task(
         queue.close()
 
 
+def test_a_celery_worker_runs_the_pushed_completion_task(
+    backend: LocalBackend, spec: Callable[..., JobSpec], tmp_path: Path
+) -> None:
+    # A real worker on the file-system broker (no service needed), with a stand-in for the
+    # result-manager's task under its real name, consuming the queue the router names.
+    folder = tmp_path / "broker"
+    options = {
+        "data_folder_in": str(folder / "queue"),
+        "data_folder_out": str(folder / "queue"),
+        "control_folder": str(folder / "control"),
+    }
+    for path in set(options.values()):
+        Path(path).mkdir(parents=True)
+    done = tmp_path / "finished.txt"
+    (tmp_path / "standin.py").write_text(
+        "from celery import Celery\n"
+        f"app = Celery('standin', broker='filesystem://')\n"
+        f"app.conf.broker_transport_options = {options!r}\n"
+        "@app.task(name='pipelines.tasks.run_job_finished')\n"
+        "def run_job_finished(run_id):\n"
+        f"    open({str(done)!r}, 'a').write(f'{{run_id}}\\n')\n"
+    )
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "standin",
+            "worker",
+            "-Q",
+            "workflow.results",
+            "-P",
+            "solo",
+            "--without-heartbeat",
+            "--without-mingle",
+            "--without-gossip",
+            "--loglevel=WARNING",
+        ],
+        cwd=tmp_path,
+        # CELERY_BROKER_URL in the environment would win over the app's own broker.
+        env={k: v for k, v in os.environ.items() if not k.startswith("CELERY_")},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        callback = {
+            "broker_url": "filesystem://",
+            "transport_options": options,
+            "task": "pipelines.tasks.run_job_finished",
+            "args": [83],
+            "queue": "workflow.results",
+        }
+        job = spec("run-83-1", "exit 0", env={JOB_DONE_CALLBACK_ENV: json.dumps(callback)})
+        wait_for(backend, backend.submit(job), ("completed",))
+
+        deadline = time.monotonic() + 60
+        while not done.exists():
+            assert worker.poll() is None, worker.communicate()[1]
+            assert time.monotonic() < deadline, "the worker never ran the task"
+            time.sleep(0.1)
+        assert done.read_text() == "83\n"
+    finally:
+        worker.terminate()
+        worker.communicate(timeout=30)
+
+
 def test_an_unreachable_broker_does_not_fail_the_job(
     backend: LocalBackend, spec: Callable[..., JobSpec]
 ) -> None:
