@@ -54,10 +54,12 @@ def compiled_wrapper(state_dir: Path) -> Path:
     """The wrapper as bytecode in ``state_dir`` (``local_job.<tag>.<source hash>.pyc``), made
     once: Python compiles a script it is given as source on every start, which was a third of
     the wrapper's own start-up. The name holds the interpreter's cache tag and the source's
-    hash, so another Python or another version of the wrapper gets its own file. Falls back to
-    the source when the bytecode cannot be written."""
-    if state_dir in _compiled:
-        return _compiled[state_dir]
+    hash, so another Python or another version of the wrapper gets its own file; made again
+    when it was deleted. Falls back to the source when the bytecode cannot be written."""
+    known = _compiled.get(state_dir)
+    # A stat per submit: a cleaned-up state directory must not leave jobs without a wrapper.
+    if known is not None and known.exists():
+        return known
     source = WRAPPER.read_bytes()
     digest = hashlib.sha256(source).hexdigest()[:16]
     target = state_dir / f"local_job.{sys.implementation.cache_tag}.{digest}.pyc"

@@ -583,6 +583,10 @@ def test_jobs_start_the_wrapper_from_bytecode_compiled_once(
     assert len(compiled) == 1
     for job_id in (first, second):
         assert wait_for(backend, job_id, ("completed", "failed")).state == "completed"
+    compiled[0].unlink()
+    third = backend.submit(spec("run-92-1", "true"))
+    assert wait_for(backend, third, ("completed", "failed")).state == "completed"
+    assert compiled[0].exists(), "made again after a clean-up"
 
     def broken(*_args: Any, **_kwargs: Any) -> None:
         raise py_compile.PyCompileError(SyntaxError, SyntaxError("x"), "local_job.py")
