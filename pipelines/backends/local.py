@@ -439,6 +439,10 @@ class LocalBackend(Backend):
         parts = []
         for name in ("stdout.log", "stderr.log"):
             parts.append(f"--- {name} ---\n{_tail(logs / name, tail_bytes)}")
+        # The wrapper's own messages: why a job was lost before it ran, or its push failed.
+        wrapper = _tail(logs / "wrapper.log", tail_bytes)
+        if wrapper:
+            parts.append(f"--- wrapper.log ---\n{wrapper}")
         ended = read_json(logs / "exit_code")
         if ended is not None and ended.get("reason"):
             parts.append(f"--- end ---\n{ended['reason']}\n")

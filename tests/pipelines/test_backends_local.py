@@ -313,6 +313,7 @@ def test_logs_hold_the_tail_of_stdout_and_stderr(
     assert "line1999" in logs and "line0\n" not in logs
     assert "earlier bytes not shown" in logs
     assert "oops" in logs and "exit code 2" in logs
+    assert "--- wrapper.log ---" not in logs, "shown only when the wrapper had something to say"
     with pytest.raises(BackendError, match="unknown job"):
         backend.get_logs("local:run-9-9:0123456789abcdef")
 
@@ -357,8 +358,9 @@ def test_the_job_gets_its_env_but_not_the_workers_secrets_or_the_callback(
     assert "WORKFLOW_STEP_NAME=calibrate" in seen
     assert "LC_ALL=C.UTF-8" in seen
     assert not any(line.startswith(("DATABASE_URL=", JOB_DONE_CALLBACK_ENV)) for line in seen)
-    # A malformed callback costs the job nothing.
+    # A malformed callback costs the job nothing, and the logs say what happened to it.
     _wait_for_text(job.run_dir / "logs" / "wrapper.log", "completion push failed")
+    assert "completion push failed" in backend.get_logs(backend.job_id_for(job))
 
 
 def test_completion_is_pushed_to_the_broker_as_the_run_job_finished_task(
