@@ -339,9 +339,10 @@ def _plan_backfill(parameters: dict[str, Any], campaign: Campaign | None) -> Cam
             if key in done:
                 plan.skipped["done"] += 1
                 continue
-            waiting_for = [
-                u.name for u in upstream if planned_packages[u.pk] & set(decision.package_ids)
-            ]
+            # Every package of the sub-group, not only the eligible ones: a package whose
+            # upstream run this plan creates must be waited for, not left out.
+            members = set(sub_groups[key].package_ids)
+            waiting_for = [u.name for u in upstream if planned_packages[u.pk] & members]
             if waiting_for:
                 plan.waiting.append((step, key, f"upstream {', '.join(waiting_for)} planned"))
                 continue

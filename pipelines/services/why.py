@@ -17,10 +17,12 @@ from typing import Any
 
 from django.conf import settings
 from django.db import models
+from django.db.models import F
 from django.utils import timezone
 
 from pipelines.models import (
     CopyRepair,
+    DataProduct,
     DataTransfer,
     DataTransferPackage,
     DeletionTask,
@@ -317,7 +319,27 @@ def _run_sentence(run: ExecutedReductionStep, now: datetime) -> str:
     if status == RunStatus.CANCELLED:
         return f"cancelled: {run.failure_reason or 'by an operator'}"
     products = run.products.count()
-    return f"completed {_when(run.finished_at)} with {products} products"
+    sentence = f"completed {_when(run.finished_at)} with {products} products"
+    # Campaigns topic (issue 12): say whether its products are stale or superseded, and why.
+    product = run.products.order_by(
+        F("superseded_at").desc(nulls_last=True), F("stale_since").desc(nulls_last=True)
+    ).first()
+    if product is not None and (product.stale_since or product.superseded_at):
+        from pipelines.services.products import product_staleness_sentence
+
+        sentence += f"; its products are {product_staleness_sentence(product)}"
+    return sentence
+
+
+def explain_product(product: DataProduct, now: datetime) -> Explanation:
+    """Campaigns topic (issue 12): a product is current, stale (and why) or superseded."""
+    from pipelines.services.products import product_staleness_sentence
+
+    return Explanation(
+        title=f"product {product.pk}: {product.relative_path} of run {product.produced_by_id}",
+        states={},
+        sentence=product_staleness_sentence(product),
+    )
 
 
 def explain_run(run: ExecutedReductionStep, now: datetime) -> Explanation:
@@ -352,6 +374,7 @@ EXPLAINERS: dict[type[models.Model], Callable[[Any, datetime], Explanation]] = {
     CopyRepair: explain_repair,
     ExecutedReductionStep: explain_run,
     ReductionStep: explain_step,
+    DataProduct: explain_product,  # campaigns (issue 12)
 }
 
 # ``manage.py why <kind>:<id>``: the kinds people type, and the model each names.
@@ -367,6 +390,7 @@ KINDS: dict[str, type[models.Model]] = {
     "run": ExecutedReductionStep,
     "step": ReductionStep,
     "bundle": DataTransferPackage,
+    "product": DataProduct,  # campaigns (issue 12)
 }
 
 _SPEC = re.compile(r"^(?P<kind>[a-z]+):(?P<ref>.+)$")
