@@ -444,8 +444,27 @@ def run_collect_now(run_id: int, *, owner: str) -> dict[str, Any]:
         except Exception as exc:
             log.exception("collecting run %s failed", run_id)
             run_fail_for_exception(run_id, exc, token=applied.token, actor=f"worker:{owner}")
+        else:
+            advance_downstream(owner=owner)
     run.refresh_from_db(fields=["status"])
     return {"id": run_id, "done": True, "status": run.status}
+
+
+def advance_downstream(*, owner: str) -> None:
+    """Right after a run completed in this worker: evaluate the triggers (its downstream steps
+    may have a gap now) and tick the workflow manager (claim the runs that created and dispatch
+    their submission), so a chain of steps advances at the pace of its jobs, not of the
+    managers' ticks. Best effort: an error is logged, and the periodic ticks do the same work."""
+    from .runs import workflow_manager_tick
+    from .triggers import trigger_evaluate_now
+
+    try:
+        created = trigger_evaluate_now(owner=owner)
+        workflow_manager_tick(owner=owner)
+    except Exception:
+        log.exception("advancing the steps downstream of a completed run failed")
+        return
+    log.debug("downstream of a completed run: %s", created)
 
 
 # --- lineage -------------------------------------------------------------------------------------

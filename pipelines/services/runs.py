@@ -275,7 +275,9 @@ def run_staging_job_ensure(
     ):
         return job, False
     created = False
-    job = _live_staging_job_covering(package_ids, destination)
+    job = _live_staging_job_covering(package_ids, destination) or _revived_staging_job(
+        package_ids, destination
+    )
     if job is None:
         packages = list(run.input_raw_packages.order_by("pk"))
         job = staging_job_create(
@@ -310,6 +312,46 @@ def _live_staging_job_covering(
         .order_by(F("finished_at").desc(nulls_last=True), "-created_at")
         .first()
     )
+
+
+def _revived_staging_job(package_ids: list[int], destination: DataLocation) -> StagingJob | None:
+    """A completed job covering ``package_ids`` that a finished run released, made active again
+    when every file of those packages is still staged there (a downstream step over the same
+    data, right after its upstream run finished): the run needs no new staging round trip.
+    None when there is no such job or a file is gone."""
+    job = (
+        StagingJob.objects.filter(
+            destination_location=destination, active=False, status=Status.COMPLETED
+        )
+        .annotate(
+            covered=Count(
+                "raw_data_packages",
+                filter=Q(raw_data_packages__in=package_ids),
+                distinct=True,
+            )
+        )
+        .filter(covered=len(package_ids))
+        .order_by("-finished_at", "-pk")
+        .first()
+    )
+    if job is None:
+        return None
+    files = RawDataFile.objects.filter(raw_data_package__in=package_ids).count()
+    staged = (
+        PhysicalCopy.objects.filter(
+            raw_data_file__raw_data_package__in=package_ids,
+            location=destination,
+            status__in=(PhysicalCopyStatus.STAGED, PhysicalCopyStatus.PRESENT),
+        )
+        .values("raw_data_file_id")
+        .distinct()
+        .count()
+    )
+    if not files or staged != files:
+        return None
+    StagingJob.objects.filter(pk=job.pk).update(active=True, updated_at=timezone.now())
+    job.active = True
+    return job
 
 
 def run_renew_leases(

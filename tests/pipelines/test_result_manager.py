@@ -285,3 +285,30 @@ def test_a_collection_whose_worker_died_is_claimed_again_and_registered_once(
     with pytest.raises(Exception, match="claim"):
         run_collect(run.pk, token=dead_token, owner="late")
     assert run.products.count() == DataProduct.objects.filter(produced_by=run).count() == 5
+
+
+def test_a_pushed_job_end_collects_the_run_at_once_and_starts_its_downstream_step(
+    tmp_path: Path, fake_backend: type[FakeBackend]
+) -> None:
+    from pipelines.grouping import sub_group_key
+    from pipelines.tasks import run_job_finished
+
+    w = world(tmp_path)
+    combine = ReductionStepFactory(pipeline=w.step.pipeline, name="combine", group_by=[],
+                                   software=w.step.software,
+                                   software_version=w.step.software_version)  # fmt: skip
+    combine.depends_on.set([w.step])
+    scan = w.packages[0].executed_obs_unit_id
+    run = submitted(
+        w, sub_group_key=sub_group_key(["executed_obs_unit"], {"executed_obs_unit": scan})
+    )
+    FakeBackend.finish(run.hpc_job_id, outputs={"workspace/calibrate/science/s.csv": b"1"})
+
+    assert run_job_finished(run.pk) == {"id": run.pk, "done": True, "status": "completed"}
+    [downstream] = ExecutedReductionStep.objects.filter(reduction_step=combine)
+    assert set(downstream.input_products.all()) == set(run.products.all())
+    # Claimed and handed to a submitter in the same task, not at the next tick.
+    assert downstream.status == RunStatus.STAGING_DATA
+    assert downstream.idempotency_key == f"submit:run-{downstream.pk}-1"
+    # A repeated push is harmless.
+    assert run_job_finished(run.pk)["done"] is False

@@ -68,9 +68,9 @@ def test_behaviour_25_staging_job_command_and_manifest_are_made_during_staging_d
     tmp_path: Path, fake_backend: type[FakeBackend]
 ) -> None:
     w = world(tmp_path)
-    # The world's completed job covers the packages; a new pipeline's run with another
-    # location's packages would need a new one: here the job is released, so one is created.
-    StagingJob.objects.filter(pk=w.staging_job.pk).update(active=False)
+    # The world's job covers the packages; were it completed, the run would reuse it. It
+    # failed, so a new one is created.
+    StagingJob.objects.filter(pk=w.staging_job.pk).update(status=Status.FAILED)
     run = w.run()
 
     counts = workflow_manager_tick(owner="wm")
@@ -193,6 +193,19 @@ def test_behaviour_31_the_manifest_holds_parameters_staged_inputs_and_upstream_p
         .env["WORKFLOW_OUTPUT_DIR"]
         .endswith("/workspace/calibrate/")
     )
+
+
+def test_a_released_staging_job_whose_files_are_still_staged_is_reused(
+    tmp_path: Path, fake_backend: type[FakeBackend]
+) -> None:
+    w = world(tmp_path)
+    StagingJob.objects.filter(pk=w.staging_job.pk).update(active=False)
+    run = w.run()
+    counts = workflow_manager_tick(owner="wm")
+    run.refresh_from_db()
+    assert (counts["staging_created"], counts["dispatched"]) == (0, 1)
+    assert run.staging_job_id == w.staging_job.pk
+    assert StagingJob.objects.get(pk=w.staging_job.pk).active
 
 
 def test_a_corrupted_staged_input_fails_the_run_without_submitting_and_marks_the_copy(
