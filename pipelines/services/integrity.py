@@ -42,7 +42,7 @@ from pipelines.models import (
     PhysicalCopyStatus,
     Status,
 )
-from pipelines.storage.base import ObjectNotFound, Storage, copy, storage_for
+from pipelines.storage.base import STORAGES, ObjectNotFound, Storage, copy, storage_for
 
 from .copies import copy_lock_object
 from .operations import (
@@ -331,7 +331,9 @@ def copies_due_for_verification(now: datetime | None = None) -> models.QuerySet[
     """Copies the integrity manager should read back now, oldest verification first: live
     (PRESENT or STAGED), not known damaged (those wait for their repair), never verified or
     verified longer ago than their location's ``verification_interval``, not claimed by a
-    verification in flight, with an object that has a checksum to compare with."""
+    verification in flight, with an object that has a checksum to compare with, at an active
+    location of a storage type this system can read (an inactive location's queues have no
+    workers; a tape location has no storage backend yet)."""
     now = now or timezone.now()
     no_checksum = Q()
     for kind, field in _OBJECT_FIELD.items():
@@ -340,6 +342,8 @@ def copies_due_for_verification(now: datetime | None = None) -> models.QuerySet[
         PhysicalCopy.objects.filter(
             status__in=LIVE,
             integrity__in=(Integrity.UNVERIFIED, Integrity.VERIFIED),
+            location__active=True,
+            location__storage_type__in=list(STORAGES),
         )
         .filter(
             Q(checksum_verified_at__isnull=True)

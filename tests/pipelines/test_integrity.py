@@ -307,6 +307,10 @@ def test_due_copies_are_unverified_or_past_their_locations_interval(tmp_path: Pa
         integrity=I.VERIFIED,
         checksum_verified_at=now - timedelta(hours=2),
     )
+    inactive = f.DataLocationFactory(root_path=str(tmp_path / "j"), active=False)
+    package_copy(tmp_path, name="j", location=inactive)
+    tape = f.DataLocationFactory(root_path=str(tmp_path / "k"), storage_type="tape")
+    package_copy(tmp_path, name="k", location=tape)
     assert list(copies_due_for_verification(now)) == [never, old, hourly]
 
 
@@ -409,8 +413,10 @@ def test_an_operator_verifies_copies_now_from_the_admin(
     viewer.groups.add(groups[VIEWERS])
     client = Client()
     client.force_login(viewer)
-    client.post(url, form)
+    refused = client.post(url, form)
     assert sent == []
+    assert "No action selected." in [str(m) for m in get_messages(refused.wsgi_request)]
+    client = Client()
 
     operator = f.UserFactory(username="olga", is_staff=True)
     operator.groups.add(groups[OPERATORS])
