@@ -368,6 +368,22 @@ def test_an_unreadable_copy_keeps_its_claim_until_it_expires(tmp_path: Path) -> 
     assert copy.verification_claimed_until is not None
 
 
+@pytest.mark.django_db(transaction=True)
+def test_the_tasks_tick_the_manager_and_verify_a_claimed_copy(
+    tmp_path: Path, sent: list[tuple[int, str, str]]
+) -> None:
+    from pipelines.tasks import run_integrity_manager, verify_physical_copy
+
+    copy = package_copy(tmp_path)
+    assert run_integrity_manager() == {"claimed": 1}
+    [(pk, until, _queue)] = sent
+    answer = verify_physical_copy(pk, claimed_until=until)
+    assert (answer["id"], answer["outcome"]) == (copy.pk, "verified")
+    copy.refresh_from_db()
+    assert (copy.integrity, copy.verification_claimed_until) == (I.VERIFIED, None)
+    assert verify_physical_copy(10**9)["outcome"] == "skipped"
+
+
 # --- /health -------------------------------------------------------------------------------------
 @pytest.mark.django_db
 def test_health_counts_damaged_copies_and_failed_repairs_and_stays_200(
