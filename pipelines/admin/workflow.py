@@ -11,6 +11,7 @@ from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
 
 from pipelines.models import (
+    Campaign,
     DataGrouping,
     DataProduct,
     ExecutedReductionStep,
@@ -155,7 +156,37 @@ class PipelineAdmin(OpsModelAdmin):
     ordering = ("-priority", "name")
     raw_id_fields = ("created_by",)
     inlines = (StepInline,)
-    actions = (enable_pipelines, disable_pipelines)
+    actions = (enable_pipelines, disable_pipelines, "trigger_now")  # trigger_now: campaigns topic
+
+    @admin.action(description="Trigger now (MANUAL pipelines)")
+    def trigger_now(self, request: HttpRequest, queryset: Any) -> None:
+        """Campaigns topic (issue 12): ``manage.py trigger`` from the admin, through
+        ``pipeline_trigger``; pipelines of another trigger type are named and left alone."""
+        from django.contrib import messages
+
+        from pipelines.models import TriggerType
+        from pipelines.services.triggers import TriggerError, pipeline_trigger
+
+        created = 0
+        refused: list[str] = []
+        for pipeline in queryset[:100]:
+            if pipeline.trigger_type != TriggerType.MANUAL:
+                refused.append(f"{pipeline.name} ({pipeline.get_trigger_type_display()})")
+                continue
+            try:
+                decisions = pipeline_trigger(pipeline, user=request.user)
+            except TriggerError as exc:
+                refused.append(f"{pipeline.name} ({'; '.join(exc.messages)})")
+                continue
+            created += sum(1 for d in decisions if d.run is not None)
+        self.message_user(request, f"Triggered: {created} run(s) created.", messages.SUCCESS)
+        if refused:
+            self.message_user(
+                request,
+                "Not triggered (only MANUAL pipelines are; the trigger manager runs the others): "
+                + ", ".join(refused[:10]),
+                messages.WARNING,
+            )
 
 
 class RunOfStepInline(ReadOnlyTabularInline):
@@ -310,11 +341,13 @@ class DataProductAdmin(OpsModelAdmin):
         "size_bytes_readable",
         "parameter_version",
         "stale_since",
+        "superseded_at",  # campaigns topic
         "created_at",
     )
     list_filter = (
         "product_type",
         ("stale_since", admin.EmptyFieldListFilter),
+        ("superseded_at", admin.EmptyFieldListFilter),  # campaigns topic
         "produced_by__reduction_step__pipeline",
     )
     search_fields = ("filename", "relative_path", "checksum")
@@ -333,7 +366,9 @@ class DataProductAdmin(OpsModelAdmin):
         "checksum",
         "checksum_algorithm",
     )
-    readonly_fields = ("parameter_version",)
+    # staleness: campaigns topic (issue 12); the "why" sentence says the reason too.
+    readonly_fields = ("parameter_version", "stale_since", "stale_reason", "superseded_by",
+                       "superseded_at")  # fmt: skip
     inlines = (CopyInline,)
 
     @admin.display(description="parameters", ordering="produced_by__parameter_set__number")
@@ -341,3 +376,94 @@ class DataProductAdmin(OpsModelAdmin):
         """The instrument parameter set whose script made this product ("-" when none)."""
         parameter_set = product.produced_by.parameter_set
         return str(parameter_set) if parameter_set else "-"
+
+
+# --- Campaigns (issue 12, helper "campaigns"): backfills and reprocessing -------------------------
+class RunOfCampaignInline(ReadOnlyTabularInline):
+    model = ExecutedReductionStep
+    fk_name = "campaign"
+    fields = ("reduction_step", "sub_group_key", "status", "replaces", "created_at")
+    readonly_fields = fields
+    verbose_name_plural = "runs (newest first, first 50)"
+
+
+@admin.register(Campaign)
+class CampaignAdmin(OpsModelAdmin):
+    """Campaigns are made by ``manage.py backfill`` / ``reprocess``; here they are watched,
+    throttled (``max_active``, read by the workflow manager at every claim) and cancelled."""
+
+    list_display = (
+        "id",
+        "kind",
+        "state",
+        "progress",
+        "max_active",
+        "requested_by",
+        "reason",
+        "created_at",
+        "finished_at",
+    )
+    list_filter = ("kind", "state")
+    search_fields = ("reason", "requested_by")
+    ordering = ("-created_at",)
+    system_fields = (
+        "parameters_key",
+        "runs_created",
+        "runs_active",
+        "runs_completed",
+        "runs_failed",
+        "runs_cancelled",
+        "waiting",
+        "finished_at",
+        "requested_by",
+    )
+    change_readonly_fields = ("kind", "parameters")
+    raw_id_fields = ("created_by",)
+    inlines = (RunOfCampaignInline,)
+    actions = ("cancel_campaigns", "advance_campaigns")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # made by the commands, which plan them
+
+    @admin.display(description="progress")
+    def progress(self, campaign: Campaign) -> str:
+        return (
+            f"{campaign.runs_completed}/{campaign.runs_created} completed, "
+            f"{campaign.runs_active} active, {campaign.runs_failed} failed, "
+            f"{campaign.waiting} later"
+        )
+
+    @admin.action(description="Cancel (and cancel their runs not admitted yet)")
+    def cancel_campaigns(self, request: HttpRequest, queryset: Any) -> None:
+        from django.contrib import messages
+
+        from pipelines.services.campaigns import campaign_cancel
+        from pipelines.services.states import TransitionError
+
+        from .base import admin_actor
+
+        done, skipped = 0, []
+        for campaign in queryset[:100]:
+            try:
+                campaign_cancel(campaign, actor=admin_actor(request))
+                done += 1
+            except TransitionError:
+                skipped.append(str(campaign.pk))
+        self.message_user(request, f"Cancelled {done} campaign(s).", messages.SUCCESS)
+        if skipped:
+            self.message_user(
+                request, f"Not active, left as they were: {', '.join(skipped)}", messages.WARNING
+            )
+
+    @admin.action(description="Advance now (create the runs that are due)")
+    def advance_campaigns(self, request: HttpRequest, queryset: Any) -> None:
+        from django.contrib import messages
+
+        from pipelines.services.campaigns import campaign_advance
+
+        from .base import admin_actor
+
+        created = 0
+        for campaign in queryset[:100]:
+            created += campaign_advance(campaign, actor=admin_actor(request)).created
+        self.message_user(request, f"Created {created} run(s).", messages.SUCCESS)

@@ -164,3 +164,28 @@ def test_campaign_state_moves_are_recorded_as_events() -> None:
     )
     assert moves == [("", "active"), ("active", "cancelled")]
     assert campaign.finished_at is not None and campaign.finished_at <= timezone.now()
+
+
+def test_the_admin_lists_campaigns_with_their_progress_and_cancels_them() -> None:
+    from django.test import Client
+    from django.urls import reverse
+
+    from tests.factories import UserFactory
+
+    pipeline, _calibrate, _combine = two_step_pipeline()
+    scan_package(1)
+    campaign = _backfill(pipeline)
+    client = Client()
+    client.force_login(UserFactory(username="root", is_staff=True, is_superuser=True))
+    page = client.get(reverse("admin:pipelines_campaign_changelist"))
+    assert page.status_code == 200 and "0/1 completed, 1 active" in page.content.decode()
+    assert (
+        client.get(reverse("admin:pipelines_campaign_change", args=[campaign.pk])).status_code
+        == 200
+    )
+    client.post(
+        reverse("admin:pipelines_campaign_changelist"),
+        {"action": "cancel_campaigns", "_selected_action": [campaign.pk], "index": 0},
+    )
+    campaign.refresh_from_db()
+    assert campaign.state == "cancelled"
