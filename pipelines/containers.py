@@ -223,6 +223,7 @@ def build_command(
     layout: RunLayout,
     step_name: str,
     final_step: bool,
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The argv that runs ``argv`` under ``runtime`` and the environment to start it with.
 
@@ -235,14 +236,22 @@ def build_command(
 
     Input and config are bound read-only, workspace, output and logs read-write. The returned
     environment holds the same WORKFLOW_* variables for the runtime process (containers get
-    them through ``--env``). Raises ValueError for an unknown runtime (naming the known ones),
-    an empty ``argv``, a missing image, or a host path that a bind specification cannot hold.
+    them through ``--env``). ``extra_env`` (``WORKFLOW_RUN_ID`` and the like) goes the same way,
+    into the container too; it cannot change a variable of the contract (repeating one is
+    fine). Keep what the program must not see (the completion callback's broker URL) out of it
+    and in ``JobSpec.env`` only. Raises ValueError for an unknown runtime (naming the known
+    ones), an empty ``argv``, a missing image, a host path that a bind specification cannot
+    hold, or an ``extra_env`` that changes a contract variable.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown container runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
     if not argv:
         raise ValueError(f"step {step_name!r}: empty command")
     env = workflow_env(layout, runtime=runtime, step_name=step_name, final_step=final_step)
+    clashes = sorted(k for k, v in (extra_env or {}).items() if k in env and env[k] != v)
+    if clashes:
+        raise ValueError(f"extra_env cannot redefine {', '.join(clashes)} (the contract sets them)")
+    env.update(extra_env or {})
     if runtime == "none":
         return list(argv), env
     for host, _target, _ro in layout.mounts():

@@ -430,3 +430,37 @@ def test_runtime_none_runs_the_demo_reduction_on_the_contract(tmp_path: Path) ->
     assert (produced / "science" / "calibrated_LFA.csv").exists()
     assert (produced / "qa" / "metrics.json").exists()
     assert not any((layout.output / "science").iterdir()), "a non-final step writes no output/"
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_extra_environment_reaches_the_program_in_every_runtime(
+    runtime: str, layout: RunLayout
+) -> None:
+    argv, env = build_command(
+        runtime=runtime,
+        image="img",
+        sif_path="/s.sif",
+        argv=["reduce"],
+        layout=layout,
+        step_name="calibrate",
+        final_step=True,
+        extra_env={"WORKFLOW_RUN_ID": "45"},
+    )
+
+    assert env["WORKFLOW_RUN_ID"] == "45"
+    if runtime != "none":
+        assert "WORKFLOW_RUN_ID=45" in argv, "passed into the container, not only to the runtime"
+
+
+def test_extra_environment_cannot_move_a_contract_directory(layout: RunLayout) -> None:
+    with pytest.raises(ValueError, match="cannot redefine WORKFLOW_OUTPUT_DIR"):
+        build_command(
+            runtime="apptainer",
+            image="",
+            sif_path="/s.sif",
+            argv=["reduce"],
+            layout=layout,
+            step_name="calibrate",
+            final_step=True,
+            extra_env={"WORKFLOW_OUTPUT_DIR": "/elsewhere"},
+        )
