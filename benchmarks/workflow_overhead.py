@@ -9,7 +9,7 @@ submitted by one trigger evaluation and one workflow tick; from then on each job
 by the local backend's wrapper (``run_job_finished``), which collects the run, evaluates the
 triggers and ticks the workflow manager in the same task, so the next step's ``submit_run`` is
 queued at once. A slow safety ticker (every ``--safety-tick`` seconds, default 5) runs the
-trigger, workflow and result managers as beat would; the table says how often it found work
+trigger, workflow, staging and result managers as beat would; the table says how often it found work
 (0 means every step advanced on the push alone).
 
     overhead per step = (wall time of the chain - sum of the step processes' lifetimes from
@@ -77,7 +77,7 @@ def run_engine(step_ids: list[int], *, timeout: float, safety_tick: float) -> di
 
     from pipelines.managers import manager_tick
     from pipelines.models import ExecutedReductionStep, RunStatus
-    from pipelines.queues import DEFAULT_QUEUE, HPC_QUEUE, MANAGERS_QUEUE, RESULTS_QUEUE
+    from pipelines.queues import DEFAULT_QUEUE, MANAGERS_QUEUE, discover_queues
     from pipelines.runner import embedded_worker
     from pipelines.services.runs import workflow_manager_tick
     from pipelines.services.triggers import trigger_evaluate_now
@@ -89,14 +89,14 @@ def run_engine(step_ids: list[int], *, timeout: float, safety_tick: float) -> di
         nonlocal safety_work
         try:
             while not stop.wait(safety_tick):
-                for name in ("trigger", "workflow", "result"):
+                for name in ("trigger", "workflow", "staging", "result"):
                     counts = manager_tick(name, owner="bench-safety")
                     found = {k: v for k, v in counts.items() if v and k not in ("active",)}
                     safety_work += bool(found)
         finally:
             connection.close()
 
-    queues = [HPC_QUEUE, RESULTS_QUEUE, MANAGERS_QUEUE, DEFAULT_QUEUE]
+    queues = [*discover_queues(include_workflow=True), MANAGERS_QUEUE, DEFAULT_QUEUE]
     last = step_ids[-1]
     with embedded_worker(queues, concurrency=2):
         time.sleep(1.0)  # the worker connects to the broker

@@ -278,17 +278,23 @@ def run_staging_job_ensure(
     job = _live_staging_job_covering(package_ids, destination) or _revived_staging_job(
         package_ids, destination
     )
-    if job is None:
-        packages = list(run.input_raw_packages.order_by("pk"))
-        job = staging_job_create(
-            packages, destination=destination, actor=f"{actor} for run {run.pk}"
-        )
-        created = True
-    linked = ExecutedReductionStep.objects.filter(
-        pk=run.pk, status=RunStatus.STAGING_DATA, claim_token=run.claim_token
-    ).update(staging_job=job, updated_at=timezone.now())
-    if not linked:
-        raise ClaimLost(f"run {run.pk}: claim moved on before its staging job was linked")
+    with transaction.atomic():
+        if job is None:
+            packages = list(run.input_raw_packages.order_by("pk"))
+            job = staging_job_create(
+                packages, destination=destination, actor=f"{actor} for run {run.pk}"
+            )
+            created = True
+        # Conditional on the job this tick read: of two ticks at once, the second finds the run
+        # linked already and its new job is rolled back with it.
+        linked = ExecutedReductionStep.objects.filter(
+            pk=run.pk,
+            status=RunStatus.STAGING_DATA,
+            claim_token=run.claim_token,
+            staging_job_id=run.staging_job_id,
+        ).update(staging_job=job, updated_at=timezone.now())
+        if not linked:
+            raise ClaimLost(f"run {run.pk}: claim or staging job changed while linking a job")
     return job, created
 
 
@@ -349,7 +355,10 @@ def _revived_staging_job(package_ids: list[int], destination: DataLocation) -> S
     )
     if not files or staged != files:
         return None
-    StagingJob.objects.filter(pk=job.pk).update(active=True, updated_at=timezone.now())
+    # Another tick may revive it at the same moment: either way it is active now.
+    StagingJob.objects.filter(pk=job.pk, active=False).update(
+        active=True, updated_at=timezone.now()
+    )
     job.active = True
     return job
 
