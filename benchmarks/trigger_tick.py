@@ -292,7 +292,7 @@ def run(args: argparse.Namespace, header: str) -> None:
         return outcome
 
     def tick() -> dict[str, int]:
-        clock["now"] += dt.timedelta(seconds=61)
+        clock["now"] += dt.timedelta(seconds=INTERVAL)
         return triggers.trigger_manager_tick(owner="bench", now=clock["now"])
 
     def archive_new(count: int) -> None:

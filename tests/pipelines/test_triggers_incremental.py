@@ -220,7 +220,7 @@ def test_new_packages_are_matched_to_groupings_a_batch_of_groupings_per_statemen
     }
     with CaptureQueriesContext(connection) as queries:
         assert tick(start + timedelta(seconds=10))["created"] == 2
-    matching = [q for q in queries.captured_queries if '"_pipeline"' in q["sql"]]
+    matching = [q for q in queries.captured_queries if "AS pipeline_id" in q["sql"]]
     assert len(matching) == 3  # five groupings, two per statement
     for i, s in enumerate(sources):
         runs = runs_of(s)
@@ -249,3 +249,29 @@ def test_a_full_re_evaluation_reads_a_batch_of_pipelines_in_a_few_statements() -
     # per non-empty group_by, runs, watermark UPDATE, and the incremental part's (no pipeline
     # left: new packages, finished runs, cooldowns, UPDATE) -- nothing per pipeline.
     assert len(queries) <= 16, [q["sql"][:70] for q in queries.captured_queries]
+
+
+def test_an_edited_grouping_is_matched_by_its_new_rules_at_once() -> None:
+    from tests.factories import SourceFactory
+
+    def scan(source):  # type: ignore[no-untyped-def]
+        return ExecutedObsUnitFactory(obs_unit__source=source)
+
+    old, new = SourceFactory(name="old"), SourceFactory(name="new")
+    start = timezone.now()
+    p = pipeline()
+    p.data_grouping.filter_rules = [
+        {"table": "Source", "column": "name", "operator": "eq", "value": "old"}
+    ]
+    p.data_grouping.save()
+    calibrate = step(p)
+    tick(start)
+    archived(scan(old), at=start + timedelta(seconds=1))
+    assert tick(start + timedelta(seconds=5))["created"] == 1
+    type(p.data_grouping).objects.filter(pk=p.data_grouping_id).update(  # around save()
+        filter_rules=[{"table": "Source", "column": "name", "operator": "eq", "value": "new"}]
+    )
+    archived(scan(old), at=start + timedelta(seconds=6))
+    fresh = archived(scan(new), at=start + timedelta(seconds=6))
+    assert tick(start + timedelta(seconds=10))["created"] == 1
+    assert inputs(runs_of(calibrate)[-1]) == {fresh.pk}

@@ -4,6 +4,8 @@ semantics are stated in ``pipelines/services/triggers/__init__.py``."""
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import re
 import time
@@ -21,6 +23,7 @@ from django.db.models import BigIntegerField, Q, Value
 from django.utils import timezone
 
 from pipelines.models import (
+    DataGrouping,
     DataProduct,
     ExecutedReductionStep,
     Pipeline,
@@ -54,8 +57,11 @@ log = logging.getLogger(__name__)
 
 # Packages archived this long before a tick are looked at again by the next one: the archiving
 # transaction stamps ``archived_at`` before it commits, so a package can become visible after a
-# tick that already read past its timestamp. Re-reading them is harmless (they are covered).
-WATERMARK_LAG = timedelta(seconds=60)
+# tick that already read past its timestamp. Those transactions do no I/O (the copy is verified
+# before), so they commit within milliseconds; a later one is caught by the full re-evaluation.
+# Re-reading is harmless (covered packages make no run) but costs a matching statement per 200
+# groupings, so the lag is kept well under the tick interval.
+WATERMARK_LAG = timedelta(seconds=15)
 # The cache key that says an on-demand evaluation is queued and has not started yet.
 QUEUED_KEY = "workflow:trigger-evaluation-queued"
 
@@ -545,33 +551,64 @@ MATCH_BATCH = 200
 MATCH_IDS = 500
 
 
+@functools.lru_cache(maxsize=50_000)
+def _grouping_sql(
+    rules_json: str, instrument_module_id: int | None, alias: str
+) -> tuple[str, tuple]:
+    """The compiled SELECT of the ids of a grouping's packages (``pipeline_packages``), by its
+    rules and module: compiling 10^4 groupings' querysets each tick would cost seconds. Keyed by
+    the rules themselves, so an edit (even one around ``save``) is a new entry."""
+    grouping = DataGrouping(
+        filter_rules=json.loads(rules_json), instrument_module_id=instrument_module_id
+    )
+    queryset = pipeline_packages(Pipeline(data_grouping=grouping)).order_by().values_list("id")
+    sql, params = queryset.query.get_compiler(alias).as_sql()
+    return sql, tuple(params)
+
+
 def _match_new_packages(pipelines: Sequence[Pipeline], changes: dict[int, _Affected]) -> None:
     """Narrow each pipeline's ``new_packages`` (every package archived since its watermark) to
-    its grouping's, with one SELECT per grouping sent ``MATCH_BATCH`` at a time as one UNION
-    ALL statement: the tick's cost with new data grows with the number of statements, not of
-    groupings. Pipelines without new packages are not asked."""
+    its grouping's: one SELECT per grouping (compiled once, ``_grouping_sql``), ``MATCH_BATCH``
+    of them sent as one UNION ALL statement restricted to the batch's new packages (by id, or
+    by ``archived_at`` when there are many), so the tick's cost with new data grows with the
+    number of statements, not of groupings. Pipelines without new packages are not asked."""
+    from django.db import connection
+
     asking = [p for p in pipelines if changes[p.pk].new_packages]
     for start in range(0, len(asking), MATCH_BATCH):
         batch = asking[start : start + MATCH_BATCH]
-        selects = []
+        parts: list[str] = []
+        params: list[Any] = []
         for pipeline in batch:
-            new = changes[pipeline.pk].new_packages
-            mine = pipeline_packages(pipeline).order_by()
-            if len(new) <= MATCH_IDS:
-                mine = mine.filter(pk__in=new)
-            else:
-                mine = mine.filter(archived_at__gt=pipeline.trigger_watermark)
-            selects.append(
-                mine.annotate(
-                    _pipeline=Value(pipeline.pk, output_field=BigIntegerField())
-                ).values_list("_pipeline", "pk")
+            grouping = pipeline.data_grouping
+            sql, grouping_params = _grouping_sql(
+                json.dumps(grouping.filter_rules, sort_keys=True),
+                grouping.instrument_module_id,
+                connection.alias,
             )
-        matched: dict[int, list[int]] = defaultdict(list)
-        query = selects[0].union(*selects[1:], all=True) if len(selects) > 1 else selects[0]
-        for pipeline_id, package_id in query:
-            matched[pipeline_id].append(package_id)
+            parts.append(f"SELECT %s AS pipeline_id, g.id AS package_id FROM ({sql}) g")
+            params += [pipeline.pk, *grouping_params]
+        new = sorted({p for pipeline in batch for p in changes[pipeline.pk].new_packages})
+        if len(new) <= MATCH_IDS:
+            where = f"m.package_id IN ({', '.join(['%s'] * len(new))})"
+            params += new
+        else:
+            since = min(p.trigger_watermark for p in batch if p.trigger_watermark is not None)
+            where = (
+                f"m.package_id IN (SELECT id FROM {RawDataPackage._meta.db_table} "
+                "WHERE archived_at > %s)"
+            )
+            params.append(since)
+        statement = f"SELECT m.pipeline_id, m.package_id FROM ({' UNION ALL '.join(parts)}) m "
+        matched: dict[int, set[int]] = defaultdict(set)
+        with connection.cursor() as cursor:
+            cursor.execute(statement + f"WHERE {where}", params)
+            for pipeline_id, package_id in cursor.fetchall():
+                matched[pipeline_id].add(package_id)
         for pipeline in batch:
-            changes[pipeline.pk].new_packages = sorted(matched.get(pipeline.pk, []))
+            # Each pipeline keeps its own new packages (watermarks may differ in a batch).
+            own = set(changes[pipeline.pk].new_packages)
+            changes[pipeline.pk].new_packages = sorted(matched[pipeline.pk] & own)
             changes[pipeline.pk].matched = True
 
 
