@@ -19,7 +19,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
-from django.db.models import BigIntegerField, Q, Value
+from django.db.models import Q
 from django.utils import timezone
 
 from pipelines.models import (
@@ -618,20 +618,27 @@ FULL_BATCH = 100
 
 
 def _members_of(pipelines: Sequence[Pipeline]) -> dict[int, list[int]]:
-    """Each pipeline's packages (``pipeline_packages``), one SELECT per grouping sent
-    ``MATCH_BATCH`` at a time as one UNION ALL statement."""
+    """Each pipeline's packages (``pipeline_packages``), one SELECT per grouping (compiled
+    once, ``_grouping_sql``) sent ``MATCH_BATCH`` at a time as one UNION ALL statement."""
+    from django.db import connection
+
     members: dict[int, list[int]] = defaultdict(list)
     for start in range(0, len(pipelines), MATCH_BATCH):
-        selects = [
-            pipeline_packages(p)
-            .order_by()
-            .annotate(_pipeline=Value(p.pk, output_field=BigIntegerField()))
-            .values_list("_pipeline", "pk")
-            for p in pipelines[start : start + MATCH_BATCH]
-        ]
-        query = selects[0].union(*selects[1:], all=True) if len(selects) > 1 else selects[0]
-        for pipeline_id, package_id in query:
-            members[pipeline_id].append(package_id)
+        parts: list[str] = []
+        params: list[Any] = []
+        for pipeline in pipelines[start : start + MATCH_BATCH]:
+            grouping = pipeline.data_grouping
+            sql, grouping_params = _grouping_sql(
+                json.dumps(grouping.filter_rules, sort_keys=True),
+                grouping.instrument_module_id,
+                connection.alias,
+            )
+            parts.append(f"SELECT %s AS pipeline_id, g.id AS package_id FROM ({sql}) g")
+            params += [pipeline.pk, *grouping_params]
+        with connection.cursor() as cursor:
+            cursor.execute(" UNION ALL ".join(parts), params)
+            for pipeline_id, package_id in cursor.fetchall():
+                members[pipeline_id].append(package_id)
     return members
 
 
