@@ -312,3 +312,20 @@ def test_a_pushed_job_end_collects_the_run_at_once_and_starts_its_downstream_ste
     assert downstream.idempotency_key == f"submit:run-{downstream.pk}-1"
     # A repeated push is harmless.
     assert run_job_finished(run.pk)["done"] is False
+
+
+def test_a_finished_run_releases_its_staging_job_only_once_no_other_live_run_uses_it(
+    tmp_path: Path, fake_backend: type[FakeBackend]
+) -> None:
+    w = world(tmp_path)
+    first, second = submitted(w, sub_group_key="a"), submitted(w, sub_group_key="b")
+    assert first.staging_job_id == second.staging_job_id == w.staging_job.pk
+    FakeBackend.finish(first.hpc_job_id, outputs=OUTPUTS)
+    result_manager_tick(owner="rm")
+    collect(first)
+    assert StagingJob.objects.get(pk=w.staging_job.pk).active  # the second still needs it
+
+    FakeBackend.finish(second.hpc_job_id, outputs=OUTPUTS)
+    result_manager_tick(owner="rm")
+    collect(second)
+    assert not StagingJob.objects.get(pk=w.staging_job.pk).active
