@@ -450,3 +450,15 @@ class ReductionConfigLockFactory(DjangoModelFactory):
         django_get_or_create = ("instrument",)
 
     instrument = factory.Sequence(lambda n: f"instrument{n}")
+
+
+# --- Campaigns (issue 12) -------------------------------------------------------------------------
+class CampaignFactory(DjangoModelFactory):
+    class Meta:
+        model = m.Campaign
+
+    kind = m.CampaignKind.BACKFILL
+    parameters = factory.Sequence(lambda n: {"pipeline": f"pipeline-{n}", "mode": "all"})
+    parameters_key = factory.Sequence(lambda n: f"{n:064x}")
+    max_active = 5
+    requested_by = "command:backfill by test"

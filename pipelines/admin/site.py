@@ -62,6 +62,7 @@ TOPICS: dict[str, tuple[str, ...]] = {
         "pipelines.ReductionStep",
         "pipelines.ExecutedReductionStep",
         "pipelines.DataProduct",
+        "pipelines.Campaign",  # backfills and reprocessing (issue 12)
     ),
     "Audit": ("pipelines.StateEvent",),
 }

@@ -312,6 +312,7 @@ class ExecutedReductionStepAdmin(OpsModelAdmin):
         "staging_job",
         "input_raw_packages",
         "input_products",
+        "replaces",  # campaigns topic: the run a reprocessing run replaces
     )
     system_fields = (
         "hpc_job_id",
