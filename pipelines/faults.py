@@ -21,6 +21,9 @@ POINTS = frozenset(
         "packaging.mid_tar",
         "transfer.after_copy",
         "unpack.mid_bundle",
+        # Deletion (issue 10): a claimed deletion about to lock and re-judge its copy; the
+        # decision committed (DELETION_IN_PROGRESS) and the file not yet removed.
+        "deletion.before_decision",
         "deletion.mid_delete",
         # Workflow runs (issue 11): a claimed run about to be submitted; the backend has
         # accepted the job but hpc_job_id is not committed; outputs hashed, not yet registered.

@@ -49,10 +49,15 @@ def assert_deletions_sound(facility: Facility) -> None:
         assert path[-3:] == ["deletion_scheduled", "deletion_in_progress", "deleted"], path
         assert reason and "archived" in reason
         assert not (Path(root) / relative_path).exists()
+        # One task deleted it; any other was withdrawn (the demo's reduction runs hold their
+        # input packages for a while, and a copy scheduled just before is withdrawn).
         tasks = facility.sql(
-            "SELECT status FROM deletion_task WHERE physical_copy_id = %s", (copy_id,)
+            "SELECT status, idempotency_key FROM deletion_task WHERE physical_copy_id = %s",
+            (copy_id,),
         )
-        assert [t[0] for t in tasks].count("completed") == 1, tasks
+        outcomes = sorted(key.rsplit(":", 1)[-1] for status, key in tasks if status == "completed")
+        assert outcomes.count("deleted") == 1, tasks
+        assert set(outcomes) <= {"deleted", "withdrawn"}, tasks
     per_package = facility.sql(
         "SELECT p.id, count(c.id) FROM raw_data_package p LEFT JOIN physical_copy c "
         "ON c.raw_data_package_id = p.id AND c.status = 'present' AND c.integrity = 'verified' "
@@ -80,10 +85,15 @@ def test_two_deletion_managers_at_once_delete_each_copy_once(facility: Facility)
         "AND to_state = 'deletion_scheduled'"
     )
     assert managers
-    duplicates = facility.sql(
-        "SELECT physical_copy_id FROM deletion_task GROUP BY 1 HAVING count(*) > 1"
+    # Each scheduling by a manager made exactly one task: two managers never both scheduled a
+    # copy (a copy scheduled again after a withdrawal has a new task, and a new event).
+    mismatched = facility.sql(
+        "SELECT c.id, (SELECT count(*) FROM deletion_task t WHERE t.physical_copy_id = c.id), "
+        "(SELECT count(*) FROM state_event e WHERE e.entity = 'physical_copy' "
+        "AND e.object_id = c.id::text AND e.to_state = 'deletion_scheduled' "
+        "AND e.actor LIKE 'manager:%%') FROM physical_copy c"
     )
-    assert duplicates == []
+    assert [row for row in mismatched if row[1] != row[2]] == []
 
 
 def test_a_deletion_worker_killed_mid_delete_is_recovered_and_nothing_stays_in_progress(
@@ -127,3 +137,49 @@ def test_a_deletion_worker_killed_mid_delete_is_recovered_and_nothing_stays_in_p
     assert copy_path[-3:] == ["deletion_scheduled", "deletion_in_progress", "deleted"]
     assert copy_path.count("deletion_in_progress") == 1
     assert_deletions_sound(facility)
+
+
+def test_a_deletion_racing_an_integrity_failure_of_the_archive_copies_is_withdrawn(
+    facility: Facility,
+) -> None:
+    """A deletion worker stopped just before it locks and re-judges its copy; meanwhile every
+    archive copy of the package is found damaged (through the integrity service, which takes
+    the same package-row lock). Released, the worker sees the damage and withdraws: the last
+    good copy at the observatory survives."""
+    facility.load_demo(scans=1)
+    victim = facility.start_worker("victim", pause="deletion.before_decision")
+    facility.start_beat("beat")
+
+    assert facility.reached("deletion.before_decision", timeout=120)["pid"] == victim.pid
+    [(task_id, copy_id, root, relative_path)] = facility.sql(
+        "SELECT t.id, c.id, l.root_path, c.relative_path FROM deletion_task t "
+        "JOIN physical_copy c ON c.id = t.physical_copy_id "
+        "JOIN data_location l ON l.id = c.location_id WHERE t.status = 'in_progress'"
+    )
+    # Every archive copy in the facility (one scan: a few packages) is found damaged, whatever
+    # kind of copy the worker holds (a source file, a package tar or a bundle tar).
+    marked = facility.python(
+        "from pipelines.models import PhysicalCopy\n"
+        "from pipelines.services.integrity import copy_mark_damaged\n"
+        "print(sum(copy_mark_damaged(copy, 'mismatch', actor='test', reason='damaged')\n"
+        "          for copy in PhysicalCopy.objects.filter(\n"
+        "              location__location_type='long_term_archive', integrity='verified')))\n"
+    )
+    assert int(marked.strip()) > 0
+    facility.release("deletion.before_decision")
+
+    def settled() -> bool:
+        return facility.sql("SELECT status FROM deletion_task WHERE id = %s", (task_id,)) == [
+            ("completed",)
+        ]
+
+    wait_for(settled, timeout=60, what="the deletion task to settle")
+    events = facility.sql(
+        "SELECT to_state, reason FROM state_event WHERE entity = 'physical_copy' "
+        "AND object_id = %s AND field = 'status' ORDER BY id",
+        (str(copy_id),),
+    )
+    assert events[-1][0] == "present"
+    assert events[-1][1].startswith("deletion withdrawn: only 0 of 1 required verified archive")
+    assert "deletion_in_progress" not in [e[0] for e in events]
+    assert (Path(root) / relative_path).exists()

@@ -231,6 +231,8 @@ class Model:
         unlink_first = self.rng.random() < 0.5
 
         def killed(name: str) -> None:
+            if name != "deletion.mid_delete":
+                return
             if unlink_first:
                 copy = PhysicalCopy.objects.select_related("location").get(pk=task.physical_copy_id)
                 (Path(copy.location.root_path) / copy.relative_path).unlink(missing_ok=True)

@@ -400,6 +400,7 @@ def physical_copy_delete(task_id: int, *, token: str, owner: str) -> DeletionTas
     task = operation_start(task, token=token, owner=owner)
     copy = task.physical_copy
     actor = f"worker:{owner}"
+    pause_point("deletion.before_decision")
     with transaction.atomic():
         copy_lock_object(copy)
         copy.refresh_from_db()
