@@ -146,7 +146,7 @@ def run(args: argparse.Namespace, header: str) -> None:
         if s % 2:
             continue  # odd scans were never processed: the gap a backfill fills
         run_id += 1
-        values = {"executed_obs_unit": str(scan.pk)}
+        values: dict[str, object] = {"executed_obs_unit": str(scan.pk)}
         key = sub_group_key(["executed_obs_unit"], values)
         status, for_good = ("failed", "t") if s % 20 == 0 else ("completed", "f")
         run_lines.append(
@@ -211,11 +211,11 @@ def run(args: argparse.Namespace, header: str) -> None:
         ("all", end, "plan --all, whole range"),
         ("all", tenth, "plan --all, a tenth of the range"),
     ):
-        measure(
-            label,
-            lambda m=mode, u=until: campaigns.campaign_plan("backfill", params(m, u)),
-            lambda plan: len(plan.runs),
-        )
+
+        def plan(m: str = mode, u: dt.datetime = until) -> Any:
+            return campaigns.campaign_plan("backfill", params(m, u))
+
+        measure(label, plan, lambda result: len(result.runs))
     campaign, _ = campaigns.campaign_find_or_create(
         "backfill", params("all", tenth), max_active=10, requested_by="benchmark"
     )

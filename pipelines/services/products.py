@@ -30,7 +30,13 @@ from django.db import transaction
 from django.db.models import Max, Q
 from django.utils import timezone
 
-from pipelines.models import DataProduct, ExecutedReductionStep, ReductionStep, RunStatus
+from pipelines.models import (
+    DataProduct,
+    ExecutedReductionStep,
+    ReductionSoftwareVersion,
+    ReductionStep,
+    RunStatus,
+)
 from reduction.models import ParameterSet
 
 log = logging.getLogger(__name__)
@@ -84,7 +90,9 @@ def stale_run_reasons() -> dict[int, str]:
     from pipelines.services.triggers import step_software_version
 
     direct: dict[int, str] = {}
-    # 1. Software versions: runs whose version is not what their step resolves to now.
+    # 1. Software versions: runs whose version is not what their step resolves to now. Steps
+    # are resolved once per (software, policy, referenced version) and their runs read with one
+    # query per version resolved to, so the cost follows the number of versions, not of steps.
     step_ids = (
         ExecutedReductionStep.objects.filter(products__isnull=False)
         .values_list("reduction_step_id", flat=True)
@@ -93,18 +101,31 @@ def stale_run_reasons() -> dict[int, str]:
     steps = ReductionStep.objects.filter(pk__in=list(step_ids)).select_related(
         "software", "software_version"
     )
+    resolved: dict[tuple[int, str, int | None], ReductionSoftwareVersion | None] = {}
+    by_version: dict[int, list[ReductionStep]] = defaultdict(list)
+    versions: dict[int, ReductionSoftwareVersion] = {}
     for step in steps:
-        current = step_software_version(step)
-        if current is None:
-            continue
+        key = (step.software_id, step.version_policy, step.software_version_id)
+        if key not in resolved:
+            resolved[key] = step_software_version(step)
+        current = resolved[key]
+        if current is not None:
+            by_version[current.pk].append(step)
+            versions[current.pk] = current
+    for version_id, version_steps in by_version.items():
+        current = versions[version_id]
+        named = {s.pk: s for s in version_steps}
         runs = (
-            ExecutedReductionStep.objects.filter(reduction_step=step, products__isnull=False)
+            ExecutedReductionStep.objects.filter(
+                reduction_step_id__in=list(named), products__isnull=False
+            )
             .exclude(software_version__isnull=True)
-            .exclude(software_version=current)
-            .values_list("pk", "software_version__version")
+            .exclude(software_version_id=version_id)
+            .values_list("pk", "reduction_step_id", "software_version__version")
             .distinct()
         )
-        for run_id, version in runs:
+        for run_id, step_id, version in runs:
+            step = named[step_id]
             direct[run_id] = (
                 f"made with {step.software.name} {version}; step {step.name} now uses "
                 f"{current.version} ({step.get_version_policy_display().lower()})"
