@@ -474,7 +474,7 @@ def run_submit(run_id: int, *, token: str, owner: str) -> ExecutedReductionStep:
     the run, SUBMITTED. Raises ``ClaimLost`` when the claim no longer holds the run (nothing
     done), ``CorruptInput`` for an input that does not match its checksum (nothing submitted),
     and whatever preparing or submitting raised otherwise; the task fails the run then."""
-    from pipelines.backends.base import JobSpec, get_backend, job_done_callback_env
+    from pipelines.backends.base import JobSpec, get_backend
     from pipelines.containers import build_command, make_run_dirs, run_layout, write_manifest
 
     run = ExecutedReductionStep.objects.select_related(
@@ -531,7 +531,7 @@ def run_submit(run_id: int, *, token: str, owner: str) -> ExecutedReductionStep:
             "WORKFLOW_RUN_ID": str(run.pk),
             "WORKFLOW_STEP_NAME": step.name,
             # The job pushes its end to run_job_finished, so the run is collected at once.
-            **job_done_callback_env(run.pk),
+            **_completion_push_env(run.pk),
         }
         spec = JobSpec(
             name=job_name(run),
@@ -564,6 +564,19 @@ def run_submit(run_id: int, *, token: str, owner: str) -> ExecutedReductionStep:
     except TransitionConflict as exc:
         # The job exists under its name; whoever holds the run now finds it there.
         raise ClaimLost(f"run {run.pk}: claim lost after submitting {job_id} ({exc})") from exc
+
+
+def _completion_push_env(run_id: int) -> dict[str, str]:
+    """The environment that makes the job push its end (``job_done_callback_env``), except on
+    kombu's file-system broker: its reader moves a message file away while a writer in another
+    process may still be writing it, and a half-written message stops the consuming worker
+    (JSONDecodeError in the transport). The embedded facility that uses that broker ticks the
+    result manager every round, so its runs are collected by polling instead."""
+    from pipelines.backends.base import job_done_callback_env
+
+    if str(settings.CELERY_BROKER_URL).startswith("filesystem://"):
+        return {}
+    return job_done_callback_env(run_id)
 
 
 def run_software_version(run: ExecutedReductionStep) -> ReductionSoftwareVersion:

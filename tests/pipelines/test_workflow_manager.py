@@ -361,3 +361,23 @@ def test_the_backend_and_runtime_settings_default_to_local_and_none(
         importlib.reload(site_settings)
     monkeypatch.delenv("CONTAINER_RUNTIME")
     importlib.reload(site_settings)
+
+
+@pytest.mark.parametrize(
+    ("broker", "pushed"), [("redis://127.0.0.1:6379/0", True), ("filesystem://", False)]
+)
+def test_the_job_pushes_its_end_except_through_the_file_system_broker(
+    tmp_path: Path, fake_backend: type[FakeBackend], settings: Any, broker: str, pushed: bool
+) -> None:
+    settings.CELERY_BROKER_URL = broker
+    w = world(tmp_path)
+    run = w.run()
+    workflow_manager_tick(owner="wm")
+    run = submit(run)
+    env = FakeBackend.jobs[run.hpc_job_id]["spec"].env
+    assert ("WORKFLOW_JOB_DONE_CALLBACK" in env) is pushed
+    if pushed:
+        callback = json.loads(env["WORKFLOW_JOB_DONE_CALLBACK"])
+        assert callback["task"] == "pipelines.tasks.run_job_finished"
+        assert callback["args"] == [run.pk]
+        assert callback["queue"] == "workflow.results"
