@@ -617,6 +617,30 @@ def test_a_copy_whose_task_gave_up_mid_delete_becomes_failed_then_is_retried(
 
 
 @pytest.mark.django_db
+def test_a_scheduled_copy_whose_task_failed_before_starting_gets_a_new_task(
+    tmp_path: Path,
+) -> None:
+    world = make_world(tmp_path)
+    deletion_manager_tick(owner="test")
+    task = DeletionTask.objects.get(physical_copy=world.buffer_copy)
+    operation_fail(
+        DeletionTask,
+        task.pk,
+        token=task.claim_token,
+        message="no queue",
+        actor="t",
+        retryable=False,
+    )
+    assert deletion_orphans_settle(actor="test") == 1
+    replacement = DeletionTask.objects.get(physical_copy=world.buffer_copy, status="pending")
+    assert replacement.reason == task.reason
+    assert PhysicalCopy.objects.get(pk=world.buffer_copy.pk).status == CS.DELETION_SCHEDULED
+    assert deletion_orphans_settle(actor="test") == 0  # it has a live task again
+    drain()
+    assert PhysicalCopy.objects.get(pk=world.buffer_copy.pk).status == CS.DELETED
+
+
+@pytest.mark.django_db
 def test_two_ticks_schedule_each_copy_once(tmp_path: Path) -> None:
     make_world(tmp_path)
     first = deletion_manager_tick(owner="a")
