@@ -136,3 +136,29 @@ def test_why_says_why_a_product_and_its_run_are_stale() -> None:
     assert "stale since" in explain(product).sentence
     assert "now uses 1.1.0" in explain(product).sentence
     assert "its products are stale since" in explain(run_a).sentence
+
+
+def test_saving_a_new_version_refreshes_staleness_after_the_save_commits(
+    django_capture_on_commit_callbacks,
+) -> None:
+    calibrate, _combine, (_run_a, prod_a), _b, (_run_c, prod_c) = _world()
+    with django_capture_on_commit_callbacks(execute=True):
+        ReductionSoftwareVersionFactory(software=calibrate.software, version="1.1.0")
+    prod_a.refresh_from_db()
+    prod_c.refresh_from_db()
+    assert prod_a.stale_since is not None and prod_c.stale_since is not None
+
+
+def test_re_pinning_a_step_to_the_version_its_products_were_made_with_makes_them_current(
+    django_capture_on_commit_callbacks,
+) -> None:
+    calibrate, _combine, (_run_a, prod_a), _b, _c = _world()
+    first = calibrate.software_version
+    ReductionSoftwareVersionFactory(software=calibrate.software, version="1.1.0")
+    products_refresh_staleness()
+    with django_capture_on_commit_callbacks(execute=True):
+        calibrate.version_policy = "pinned"
+        calibrate.software_version = first
+        calibrate.save()
+    prod_a.refresh_from_db()
+    assert prod_a.stale_since is None
