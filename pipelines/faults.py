@@ -30,6 +30,8 @@ POINTS = frozenset(
         "workflow.before_submit",
         "workflow.after_submit",
         "results.before_register",
+        # Campaigns (issue 12): a backfill/reprocess run just created (committed), more to come.
+        "campaign.after_run_created",
     }
 )
 

@@ -57,6 +57,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Count, Q
 from django.utils import timezone
 
+from pipelines.faults import pause_point
 from pipelines.models import (
     ACTIVE_RUN_STATUSES,
     Campaign,
@@ -593,6 +594,7 @@ def campaign_advance(
         result.created += 1
         if on_created is not None:
             on_created(run)
+        pause_point("campaign.after_run_created")
     result.waiting = len(plan.waiting) + result.refused
     result.skipped = dict(plan.skipped)
     for run in campaign.runs.filter(
