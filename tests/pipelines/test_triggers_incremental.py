@@ -275,3 +275,19 @@ def test_an_edited_grouping_is_matched_by_its_new_rules_at_once() -> None:
     fresh = archived(scan(new), at=start + timedelta(seconds=6))
     assert tick(start + timedelta(seconds=10))["created"] == 1
     assert inputs(runs_of(calibrate)[-1]) == {fresh.pk}
+
+
+def test_a_grouping_broken_after_its_first_evaluation_does_not_stop_the_others() -> None:
+    start = timezone.now()
+    broken, fine = pipeline(), pipeline()
+    step(broken)
+    fine_step = step(fine)
+    tick(start)
+    type(broken.data_grouping).objects.filter(pk=broken.data_grouping_id).update(
+        filter_rules=[{"table": "Nope", "column": "x", "operator": "eq", "value": 1}]
+    )
+    archived(at=start + timedelta(seconds=5))
+    assert tick(start + timedelta(seconds=10)) == {"created": 1, "full": 0, "errors": 1}
+    assert len(runs_of(fine_step)) == 1
+    broken.refresh_from_db()
+    assert broken.trigger_watermark < start  # not advanced: looked at again

@@ -177,6 +177,8 @@ class _Affected:
     new_packages: list[int] = field(default_factory=list)
     # True once new_packages holds only this pipeline's own (``_match_new_packages``)
     matched: bool = False
+    # Its grouping could not be compiled: the pipeline is counted as an error this tick
+    failed: bool = False
     # step id -> sub-group keys to look at (upstream completed, cooldown ended)
     keys: dict[int, set[str]] = field(default_factory=lambda: defaultdict(set))
     # step id -> packages of upstream runs that completed (their sub-groups are to look at)
@@ -532,6 +534,9 @@ def _tick(*, owner: str, now: datetime | None, allow_full: bool) -> dict[str, in
     advanced: list[int] = []
     for pipeline in incremental:
         affected = changes[pipeline.pk]
+        if affected.failed:
+            errors += 1
+            continue
         if affected:
             roots = _roots_allowed(pipeline, cron_due=False)
             try:
@@ -556,8 +561,8 @@ def _tick(*, owner: str, now: datetime | None, allow_full: bool) -> dict[str, in
 # Groupings asked at once by ``_match_new_packages``: one UNION ALL statement (SQLite allows
 # 500 compound SELECTs; a few hundred keeps the statement a manageable size).
 MATCH_BATCH = 200
-# Up to this many new packages are named by id in each grouping's SELECT; more are selected
-# by ``archived_at`` (the definition) instead of a long IN list repeated in every SELECT.
+# Up to this many new packages are named by id in a matching statement; more are selected by
+# ``archived_at`` (the definition) instead of a long IN list.
 MATCH_IDS = 500
 
 
@@ -589,15 +594,26 @@ def _match_new_packages(pipelines: Sequence[Pipeline], changes: dict[int, _Affec
         batch = asking[start : start + MATCH_BATCH]
         parts: list[str] = []
         params: list[Any] = []
+        compiled = []
         for pipeline in batch:
             grouping = pipeline.data_grouping
-            sql, grouping_params = _grouping_sql(
-                json.dumps(grouping.filter_rules, sort_keys=True),
-                grouping.instrument_module_id,
-                connection.alias,
-            )
+            try:
+                sql, grouping_params = _grouping_sql(
+                    json.dumps(grouping.filter_rules, sort_keys=True),
+                    grouping.instrument_module_id,
+                    connection.alias,
+                )
+            except Exception:
+                # Rules edited around validation: this pipeline fails, the batch goes on.
+                log.exception("trigger manager: grouping %s cannot be compiled", grouping)
+                changes[pipeline.pk].failed = True
+                continue
+            compiled.append(pipeline)
             parts.append(f"SELECT %s AS pipeline_id, g.id AS package_id FROM ({sql}) g")
             params += [pipeline.pk, *grouping_params]
+        batch = compiled
+        if not batch:
+            continue
         new = sorted({p for pipeline in batch for p in changes[pipeline.pk].new_packages})
         if len(new) <= MATCH_IDS:
             where = f"m.package_id IN ({', '.join(['%s'] * len(new))})"
