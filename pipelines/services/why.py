@@ -21,6 +21,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from pipelines.models import (
+    Campaign,
     CopyRepair,
     DataProduct,
     DataTransfer,
@@ -331,6 +332,29 @@ def _run_sentence(run: ExecutedReductionStep, now: datetime) -> str:
     return sentence
 
 
+def explain_campaign(campaign: Campaign, now: datetime) -> Explanation:
+    """Campaigns topic (issue 12): where a backfill or reprocessing stands."""
+    pending = campaign.runs.filter(status=RunStatus.PENDING).count()
+    if campaign.state == "active":
+        sentence = (
+            f"active: {campaign.runs_completed} of {campaign.runs_created} run(s) completed, "
+            f"{campaign.runs_active - pending} in the workflow and {pending} waiting to be "
+            f"admitted (at most {campaign.max_active} at a time), {campaign.runs_failed} "
+            f"failed for good, {campaign.waiting} sub-group(s) to plan later"
+        )
+    else:
+        sentence = (
+            f"{campaign.state} {_when(campaign.finished_at)}: {campaign.runs_completed} of "
+            f"{campaign.runs_created} run(s) completed, {campaign.runs_failed} failed, "
+            f"{campaign.runs_cancelled} cancelled"
+        )
+    return Explanation(
+        title=f"{campaign} ({campaign.reason or 'no reason given'})",
+        states={"state": campaign.state},
+        sentence=sentence,
+    )
+
+
 def explain_product(product: DataProduct, now: datetime) -> Explanation:
     """Campaigns topic (issue 12): a product is current, stale (and why) or superseded."""
     from pipelines.services.products import product_staleness_sentence
@@ -375,6 +399,7 @@ EXPLAINERS: dict[type[models.Model], Callable[[Any, datetime], Explanation]] = {
     ExecutedReductionStep: explain_run,
     ReductionStep: explain_step,
     DataProduct: explain_product,  # campaigns (issue 12)
+    Campaign: explain_campaign,  # campaigns (issue 12)
 }
 
 # ``manage.py why <kind>:<id>``: the kinds people type, and the model each names.
@@ -391,6 +416,7 @@ KINDS: dict[str, type[models.Model]] = {
     "step": ReductionStep,
     "bundle": DataTransferPackage,
     "product": DataProduct,  # campaigns (issue 12)
+    "campaign": Campaign,  # campaigns (issue 12)
 }
 
 _SPEC = re.compile(r"^(?P<kind>[a-z]+):(?P<ref>.+)$")

@@ -189,3 +189,22 @@ def test_the_admin_lists_campaigns_with_their_progress_and_cancels_them() -> Non
     )
     campaign.refresh_from_db()
     assert campaign.state == "cancelled"
+
+
+def test_why_says_where_a_campaign_stands() -> None:
+    from pipelines.services.why import explain, resolve
+
+    pipeline, _calibrate, _combine = two_step_pipeline()
+    for day in range(1, 4):
+        scan_package(day)
+    campaign = _backfill(pipeline, "--max-active", "1", "--reason", "March gap")
+    run_claim_batch(owner="test", limit=100)
+    campaign_advance(campaign)
+    found, _ = resolve(f"campaign:{campaign.pk}")
+    explanation = explain(found)
+    assert "March gap" in explanation.title
+    assert explanation.sentence == (
+        "active: 0 of 3 run(s) completed, 1 in the workflow and 2 waiting to be admitted "
+        "(at most 1 at a time), 0 failed for good, 1 sub-group(s) to plan later"
+    )
+    assert [e.to_state for e in explanation.events] == ["active"]
