@@ -315,6 +315,7 @@ def _plan_backfill(parameters: dict[str, Any], campaign: Campaign | None) -> Cam
     in_range = packages.filter(
         executed_obs_unit__start_time__gte=since, executed_obs_unit__start_time__lt=until
     )
+    in_range_ids = set(in_range.values_list("pk", flat=True))
     plan = CampaignPlan()
     now = timezone.now()
     groups_by: dict[tuple[str, ...], tuple[dict, set[str]]] = {}
@@ -324,8 +325,13 @@ def _plan_backfill(parameters: dict[str, Any], campaign: Campaign | None) -> Cam
             continue
         group_by = tuple(step.group_by or [])
         if group_by not in groups_by:
+            # Keying packages into sub-groups is the costly part of planning (Python per
+            # package), so it is done once over the pipeline's packages; the range only picks
+            # which of those sub-groups are touched.
             everything = package_sub_groups(packages, list(group_by))
-            touched = set(package_sub_groups(in_range, list(group_by)))
+            touched = {
+                k for k, g in everything.items() if not in_range_ids.isdisjoint(g.package_ids)
+            }
             groups_by[group_by] = (everything, touched)
         everything, touched = groups_by[group_by]
         sub_groups = {k: everything[k] for k in sorted(touched) if k in everything}
