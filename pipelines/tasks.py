@@ -340,7 +340,15 @@ def stage_data_task(
     """Worker (seed 002): stage one job's packages to its PROCESSING location."""
     from pipelines.services.staging import staging_job_run
 
-    return _claimed(self, staging_job_run, staging_job_id, claim_token)
+    result = _claimed(self, staging_job_run, staging_job_id, claim_token)
+    if result["done"]:
+        # Workflow runs (issue 11, engine-runs): runs waiting for this job are submitted by the
+        # workflow manager's next tick; queue one now instead of waiting for beat.
+        from pipelines.services.runs import runs_waiting_for_staging
+
+        if runs_waiting_for_staging(staging_job_id):
+            run_workflow_manager.apply_async()
+    return result
 
 
 # --- integrity: re-verification and repair (pipelines/services/integrity.py) ----------------------
@@ -450,7 +458,12 @@ def evaluate_triggers_now() -> dict[str, int]:
     ``queue_trigger_evaluation``): an incremental trigger evaluation at once."""
     from pipelines.services.triggers import trigger_evaluate_now
 
-    return trigger_evaluate_now(owner=worker_identity())
+    counts = trigger_evaluate_now(owner=worker_identity())
+    if counts.get("created"):
+        # Workflow runs (issue 11, engine-runs): claim the new runs and start their staging now,
+        # not at the workflow manager's next tick.
+        _manager("workflow")
+    return counts
 
 
 # --- workflow and result managers, run submission and collection (issue 11, engine-runs) ---------

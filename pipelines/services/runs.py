@@ -177,7 +177,25 @@ def workflow_manager_tick(*, owner: str, limit: int = 200) -> dict[str, int]:
     of them non-zero: the tick found work)."""
     counts = {"claimed": len(run_claim_batch(owner=owner, limit=limit))}
     counts.update(runs_advance_staging(owner=owner, limit=limit))
+    if counts["staging_created"]:
+        # Dispatch the new staging jobs now rather than at the staging manager's next tick;
+        # their completion queues a workflow tick in turn (stage_data_task).
+        from .staging import staging_manager_tick
+
+        staging_manager_tick(owner=owner)
     return counts
+
+
+def runs_waiting_for_staging(staging_job_id: int) -> bool:
+    """Whether a claimed run waits for this staging job (the staging task then queues a
+    workflow tick so that run is submitted at once)."""
+    return (
+        ExecutedReductionStep.objects.filter(
+            staging_job_id=staging_job_id, status=RunStatus.STAGING_DATA
+        )
+        .exclude(idempotency_key__startswith=SUBMIT_MARK)
+        .exists()
+    )
 
 
 def run_claim_batch(*, owner: str, limit: int) -> list[int]:

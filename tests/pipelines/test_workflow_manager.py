@@ -17,6 +17,7 @@ from pipelines.services.results import result_manager_tick, run_collect
 from pipelines.services.runs import (
     CorruptInput,
     run_submit,
+    runs_waiting_for_staging,
     workflow_manager_tick,
 )
 from tests.factories import ReductionStepConfigFactory, ReductionStepFactory
@@ -79,7 +80,8 @@ def test_behaviour_25_staging_job_command_and_manifest_are_made_during_staging_d
     job = run.staging_job
     assert job is not None and job.pk != w.staging_job.pk
     assert set(job.raw_data_packages.all()) == set(w.packages)
-    assert job.destination_location == w.location and job.status == Status.PENDING
+    # ... and dispatched to the staging queue at once, not at the staging manager's next tick.
+    assert job.destination_location == w.location and job.status == Status.SCHEDULED
     lease = run.lease_expires_at
 
     # While the job is pending the tick keeps the run's lease alive and submits nothing.
@@ -91,7 +93,9 @@ def test_behaviour_25_staging_job_command_and_manifest_are_made_during_staging_d
     # The job completes: the run is handed to one submitter, which builds the command and
     # writes the manifest under config/.
     StagingJob.objects.filter(pk=job.pk).update(status=Status.COMPLETED)
+    assert runs_waiting_for_staging(job.pk)  # the staging task queues a workflow tick
     assert workflow_manager_tick(owner="wm")["dispatched"] == 1
+    assert not runs_waiting_for_staging(job.pk)
     assert workflow_manager_tick(owner="wm")["dispatched"] == 0
     run = submit(run)
     spec = FakeBackend.jobs[run.hpc_job_id]["spec"]
