@@ -40,7 +40,14 @@ Semantics (the brief's PROPOSED ones, made exact here; ``explain_step`` answers 
   upstream runs completed since it and at sub-groups whose cooldown ended since it; every
   ``WORKFLOW_TRIGGER_FULL_INTERVAL`` seconds a pipeline is re-evaluated in full (the safety net
   for anything the increments cannot see, e.g. a package archived by a transaction that
-  committed long after it stamped ``archived_at``, or rules over other columns that changed).
+  committed long after it stamped ``archived_at``, or rules over other columns that changed),
+  in batches of pipelines, while the tick has used less than half its interval.
+- **Manual.** ``pipeline_trigger`` creates the runs of a pipeline's root steps now (any
+  trigger type, cooldown ignored, the gap respected); a disabled pipeline or an unknown
+  sub-group key is refused with ``TriggerError`` and nothing is created.
+
+Modules: ``gap.py`` reads and decides (no writes), ``manager.py`` creates runs and ticks,
+``why.py`` words the decisions for ``manage.py why``.
 """
 
 from .gap import (
