@@ -385,3 +385,22 @@ def test_the_job_pushes_its_end_except_through_the_file_system_broker(
         assert callback["task"] == "pipelines.tasks.run_job_finished"
         assert callback["args"] == [run.pk]
         assert callback["queue"] == "workflow.results"
+
+
+def test_a_step_naming_an_instrument_gets_its_pinned_script_in_config(
+    tmp_path: Path, fake_backend: type[FakeBackend]
+) -> None:
+    from pipelines.models import ReductionStep
+
+    w = world(tmp_path)
+    ReductionStep.objects.filter(pk=w.step.pk).update(reduction_instrument="chai")
+    run = w.run()
+    workflow_manager_tick(owner="wm")
+    run = submit(run)
+
+    assert run.parameter_set is not None and run.parameter_set.instrument == "chai"
+    manifest = json.loads((Path(run.run_dir) / "config/manifest.json").read_text())
+    script = manifest["reduction_script"]
+    assert (script["instrument"], script["version"]) == ("chai", run.parameter_set.number)
+    assert Path(script["path"]).read_text() == run.parameter_set.script_text
+    assert script["checksum"] == run.parameter_set.script_checksum
