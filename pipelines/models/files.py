@@ -190,6 +190,13 @@ class RawDataPackage(Operation):
             models.Index(
                 fields=["executed_obs_unit", "instrument_module"], name="rdp_scan_module_idx"
             ),
+            # Trigger manager's incremental tick: packages archived since the watermark (without
+            # it the tick scans every package: 0.2-0.5 s at 10^6).
+            models.Index(
+                fields=["archived_at"],
+                condition=models.Q(archived_at__isnull=False),
+                name="rdp_archived_at_idx",
+            ),
         ]
 
     def __str__(self) -> str:
