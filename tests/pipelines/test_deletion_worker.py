@@ -60,6 +60,44 @@ def test_the_worker_withdraws_a_deletion_that_is_no_longer_safe(tmp_path: Path) 
 
 
 @pytest.mark.django_db
+def test_damage_marked_between_the_decision_and_the_unlink_stops_the_deletion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decision (DELETION_IN_PROGRESS) has committed when the only archive copy is found
+    damaged: the last look under the lock keeps the file and withdraws the deletion."""
+    from pipelines.services import deletion
+    from pipelines.services.integrity import copy_mark_damaged
+
+    world = make_world(tmp_path)
+    deletion_manager_tick(owner="test")
+    task = DeletionTask.objects.get(physical_copy=world.buffer_copy)
+
+    def mark(name: str) -> None:
+        if name == "deletion.mid_delete":
+            copy_mark_damaged(
+                PhysicalCopy.objects.get(pk=world.lta_copy.pk),
+                PhysicalCopy.Integrity.MISMATCH,
+                actor="test",
+                reason="a byte flipped",
+            )
+
+    monkeypatch.setattr(deletion, "pause_point", mark)
+    physical_copy_delete(task.pk, token=task.claim_token, owner="test")
+
+    copy = PhysicalCopy.objects.get(pk=world.buffer_copy.pk)
+    assert copy.status == CS.PRESENT
+    assert world.path(copy).exists()
+    assert statuses(copy) == [
+        "deletion_scheduled",
+        "deletion_in_progress",
+        "deletion_failed",
+        "present",
+    ]
+    task.refresh_from_db()
+    assert task.status == Status.COMPLETED and task.idempotency_key.endswith(":withdrawn")
+
+
+@pytest.mark.django_db
 def test_a_copy_left_in_progress_by_a_dead_worker_is_finished_by_the_retried_task(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -65,6 +65,7 @@ from pipelines.models import (
 )
 from pipelines.services.copies import copy_lock_object
 from pipelines.services.operations import (
+    ClaimLost,
     operation_claim_and_dispatch,
     operation_complete,
     operation_start,
@@ -386,14 +387,16 @@ def physical_copy_delete(task_id: int, *, token: str, owner: str) -> DeletionTas
     may no longer go, withdraw the deletion (the copy back to PRESENT with the reason, the task
     completed as withdrawn); otherwise DELETION_SCHEDULED (from DELETION_FAILED on a retry) ->
     DELETION_IN_PROGRESS with the reason. That commit is the decision: from then on the copy is
-    not counted as a good copy by anyone. Then the file or object is removed
-    (``Storage.delete``, idempotent) and, in a second transaction, the copy becomes DELETED with
-    ``deleted_at``, a package copy's file copies at that location become DELETION_POSSIBLE
-    (behaviour 17), and the task completes.
+    not counted as a good copy by anyone. Then, in a second transaction under the lock again,
+    the last look: judged once more (an integrity failure may have been marked on another copy
+    meanwhile; then the file stays and the deletion is withdrawn through DELETION_FAILED), the
+    file or object removed (``Storage.delete``, idempotent), the copy DELETED with
+    ``deleted_at``, a package copy's file copies at that location DELETION_POSSIBLE (behaviour
+    17), and the task completed.
 
-    A copy found DELETION_IN_PROGRESS (a worker died between the decision and the end) is
-    finished without judging again: the decision stands and its file may already be gone. A
-    failing delete moves the copy to DELETION_FAILED with ``last_error`` and re-raises, so the
+    A copy found DELETION_IN_PROGRESS (a worker died between the decision and the end) goes
+    straight to the last look; if its file is already gone it is finished. A failing delete
+    moves the copy to DELETION_FAILED with ``last_error`` and re-raises, so the
     task base class retries or fails the task; the retry moves the copy back through
     DELETION_SCHEDULED. Raises ``ClaimLost`` when the claim no longer holds the task."""
     task = DeletionTask.objects.select_related("physical_copy__location__site").get(pk=task_id)
@@ -433,8 +436,46 @@ def physical_copy_delete(task_id: int, *, token: str, owner: str) -> DeletionTas
                 updates={"deletion_reason": reason},
             )
     pause_point("deletion.mid_delete")
+    # The last look: an integrity failure may have been marked on another copy since the
+    # decision committed. Under the object's lock again, judge once more and remove the file
+    # inside that transaction, so no mark can slip in between the judgement and the unlink
+    # (a mark waits for the lock and then sees the copy DELETED). One unlink or one S3 request
+    # is short enough to hold the lock for.
     try:
-        storage_for(copy.location).delete(copy.relative_path)
+        with transaction.atomic():
+            copy_lock_object(copy)
+            copy.refresh_from_db()
+            if copy.status != CS.DELETION_IN_PROGRESS:
+                return operation_complete(
+                    task,
+                    token=token,
+                    actor=actor,
+                    reason=f"the copy is {copy.status} now; nothing left to delete",
+                )
+            last_look = deletion_verdict(copy, for_task=task.pk)
+            storage = storage_for(copy.location)
+            if not last_look.deletable and storage.exists(copy.relative_path):
+                return _withdraw_in_progress(task, copy, last_look, token=token, actor=actor)
+            storage.delete(copy.relative_path)
+            transition(
+                copy,
+                CS.DELETED,
+                actor=actor,
+                reason=f"deleted: {reason}",
+                expected=CS.DELETION_IN_PROGRESS,
+                updates={"deleted_at": timezone.now()},
+            )
+            if copy.kind == KIND.RAW_DATA_PACKAGE:
+                _file_copies_possible(copy, actor=actor, token=token)
+            return operation_complete(
+                task,
+                token=token,
+                actor=actor,
+                reason=f"deleted {copy.relative_path} at {location_label(copy.location)}",
+                updates={"idempotency_key": f"deletion_task:{task.pk}:deleted"},
+            )
+    except ClaimLost:
+        raise
     except Exception as exc:
         error = f"{exc.__class__.__name__}: {exc}"
         with transaction.atomic():
@@ -447,24 +488,22 @@ def physical_copy_delete(task_id: int, *, token: str, owner: str) -> DeletionTas
                 updates={"last_error": error[:5000], "retry_count": F("retry_count") + 1},
             )
         raise
-    with transaction.atomic():
-        transition(
-            copy,
-            CS.DELETED,
-            actor=actor,
-            reason=f"deleted: {reason}",
-            expected=CS.DELETION_IN_PROGRESS,
-            updates={"deleted_at": timezone.now()},
-        )
-        if copy.kind == KIND.RAW_DATA_PACKAGE:
-            _file_copies_possible(copy, actor=actor, token=token)
-        return operation_complete(
-            task,
-            token=token,
-            actor=actor,
-            reason=f"deleted {copy.relative_path} at {location_label(copy.location)}",
-            updates={"idempotency_key": f"deletion_task:{task.pk}:deleted"},
-        )
+
+
+def _withdraw_in_progress(
+    task: DeletionTask, copy: PhysicalCopy, verdict: Verdict, *, token: str, actor: str
+) -> DeletionTask:
+    """The last look found the copy no longer safe to delete while its file is still there:
+    DELETION_IN_PROGRESS may only end in DELETED or DELETION_FAILED, so it passes through
+    DELETION_FAILED (with the reason) back to PRESENT, and the task completes as withdrawn."""
+    transition(
+        copy,
+        CS.DELETION_FAILED,
+        actor=actor,
+        reason=f"deletion stopped before removing the file: {verdict.reason}",
+        expected=CS.DELETION_IN_PROGRESS,
+    )
+    return _withdraw(task, copy, verdict, token=token, actor=actor)
 
 
 def _already_gone(copy: PhysicalCopy) -> bool:

@@ -381,7 +381,9 @@ class Judge:
     def _status_rule(self, row: CopyRow, ctx: _Context) -> Verdict | None:
         allowed: tuple[str, ...] = CANDIDATE_STATES
         if self.for_task is not None:
-            allowed = (*CANDIDATE_STATES, CS.DELETION_SCHEDULED)
+            # The worker judges its own copy before the decision (scheduled) and once more
+            # right before removing the file (in progress).
+            allowed = (*CANDIDATE_STATES, CS.DELETION_SCHEDULED, CS.DELETION_IN_PROGRESS)
         if row.status not in allowed:
             return Verdict(
                 False,
