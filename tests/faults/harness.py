@@ -158,11 +158,22 @@ class Facility:
     def python(self, code: str, timeout: float = 120) -> str:
         return python(self.var, code, timeout=timeout, **self.overrides)
 
-    def load_demo(self, scans: int) -> None:
+    def load_demo(self, scans: int, *, keep_copies: bool = False) -> None:
+        """The demo facility with ``scans`` simulated scans. ``keep_copies``: every location
+        keeps its copies for a year (the demo's observatory keeps nothing once a package is
+        archived), for tests that look at the buffer tars after the path has run."""
+        keep = (
+            "from datetime import timedelta\n"
+            "from pipelines.models import DataLocation\n"
+            "DataLocation.objects.update(retention_period=timedelta(days=365))\n"
+            if keep_copies
+            else ""
+        )
         self.python(
             "from django.core.management import call_command\n"
             "call_command('load_demo_facility', verbosity=0)\n"
-            f"call_command('simulate_observations', count={scans}, verbosity=0)\n"
+            + keep
+            + f"call_command('simulate_observations', count={scans}, verbosity=0)\n"
         )
 
     def queues(self) -> str:

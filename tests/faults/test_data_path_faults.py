@@ -17,7 +17,7 @@ DONE_WITHIN = 150
 def assert_each_copy_once_and_nothing_partial(facility: Facility) -> None:
     duplicates = facility.sql(
         "SELECT kind, coalesce(raw_data_file_id::text, raw_data_package_id::text, "
-        "data_transfer_package_id::text), location_id, "
+        "data_transfer_package_id::text, data_product_id::text), location_id, "
         "count(*) FROM physical_copy WHERE status <> 'deleted' GROUP BY 1, 2, 3 HAVING count(*) > 1"
     )
     assert duplicates == []

@@ -35,7 +35,7 @@ def assert_built_once_and_intact(facility: Facility) -> None:
 def test_a_worker_killed_mid_tar_is_recovered_and_the_package_built_once(
     facility: Facility,
 ) -> None:
-    facility.load_demo(scans=1)
+    facility.load_demo(scans=1, keep_copies=True)
     victim = facility.start_worker("victim", pause=MID_TAR)
     facility.start_beat("beat")
 
@@ -57,7 +57,7 @@ def test_a_worker_killed_mid_tar_is_recovered_and_the_package_built_once(
 
 
 def test_two_beats_at_once_do_nothing_twice(facility: Facility) -> None:
-    facility.load_demo(scans=2)
+    facility.load_demo(scans=2, keep_copies=True)
     facility.start_beat("beat-a")
     facility.start_beat("beat-b")
     facility.start_worker("worker", concurrency=2)
@@ -83,7 +83,7 @@ def test_two_beats_at_once_do_nothing_twice(facility: Facility) -> None:
 
 
 def test_work_resumes_after_the_broker_restarts_and_loses_its_queue(facility: Facility) -> None:
-    facility.load_demo(scans=2)
+    facility.load_demo(scans=2, keep_copies=True)
     facility.start_worker("worker", pause=MID_TAR)
     facility.start_beat("beat")
     facility.reached(MID_TAR)
@@ -112,7 +112,7 @@ def test_work_resumes_after_the_broker_restarts_and_loses_its_queue(facility: Fa
 
 
 def test_a_full_buffer_fails_clearly_after_retries_and_loses_nothing(facility: Facility) -> None:
-    facility.load_demo(scans=1)
+    facility.load_demo(scans=1, keep_copies=True)
     sources = {
         row[0]: row[1:]
         for row in facility.sql(
@@ -164,7 +164,7 @@ def test_a_full_buffer_fails_clearly_after_retries_and_loses_nothing(facility: F
 
 
 def test_the_heartbeat_of_a_killed_worker_expires(facility: Facility) -> None:
-    facility.load_demo(scans=0)
+    facility.load_demo(scans=0, keep_copies=True)
     facility.start_worker("doomed")
     cache = facility.redis.client(1)
     key = "health:worker:doomed@localhost"

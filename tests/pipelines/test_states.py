@@ -40,6 +40,7 @@ STATE_FIELDS: list[tuple[type[m.StatefulModel], str, Callable[[str], Any]]] = [
     (m.DeletionTask, "status", lambda s: f.DeletionTaskFactory(status=s)),
     (m.CopyRepair, "status", lambda s: f.CopyRepairFactory(status=s)),
     (m.ExecutedReductionStep, "status", lambda s: f.ExecutedReductionStepFactory(status=s)),
+    (m.Campaign, "state", lambda s: f.CampaignFactory(state=s)),
 ]
 
 
