@@ -5,7 +5,8 @@ target p95 <= 5 s).
 
 The world is the demo facility (``demo_facility_load``) with simulated Prime-Cam scans
 (``demo_observations_simulate``) whose packages are planned and built by the packaging services
-into the ccat buffer (real tars, real checksums). Its two demo pipelines ("Prime-Cam 280 GHz
+into the ccat buffer (real tars, real checksums; by default 2 files of 64 KiB per package,
+``--files-per-package`` and ``--file-size`` make them larger). Its two demo pipelines ("Prime-Cam 280 GHz
 maps", "Prime-Cam 350 GHz maps") are CONTINUOUS, calibrate each scan (``group_by``
 executed_obs_unit, cooldown 0) and process at ``cologne:processing``; their reduction is the
 shipped demo reduction, run by the local backend.
@@ -42,6 +43,7 @@ no-op task is sent, its body pushes its result onto a Redis list, the sender blo
 
     .venv/bin/python benchmarks/trigger_latency.py [--packages 20] [--pause 2]
         [--safety-tick 60] [--timeout 900] [--round-trips 50]
+        [--files-per-package 2] [--file-size 65536]
 
 Needs PostgreSQL on 127.0.0.1:5432 (database ``bench_latency``, created and dropped) and Redis
 on 127.0.0.1:6379 (DB 11 as broker, flushed before and after). Stops by itself after the N
@@ -85,7 +87,7 @@ class Sample:
         return (b - a).total_seconds()
 
 
-def build_packages(count: int) -> list[int]:
+def build_packages(count: int, *, files: int, file_size: int) -> list[int]:
     """``count`` built Prime-Cam packages in the ccat buffer (WAITING, tar written and hashed),
     with their tars already copied into the archive. Returns their ids in the order to archive."""
     from pipelines.demo.facility import demo_facility_load
@@ -101,7 +103,7 @@ def build_packages(count: int) -> list[int]:
     scans = 0
     while True:
         scans += max(count, 4)
-        demo_observations_simulate(count=scans, files_per_module=2, file_size=64 * 1024)
+        demo_observations_simulate(count=scans, files_per_module=files, file_size=file_size)
         groups = (
             RawDataFile.objects.filter(instrument_module__instrument__name=PRIMECAM)
             .values("executed_obs_unit_id", "instrument_module_id")
@@ -360,16 +362,23 @@ def main() -> None:
     parser.add_argument("--safety-tick", type=float, default=None)
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--round-trips", type=int, default=50)
+    parser.add_argument("--files-per-package", type=int, default=2)
+    parser.add_argument("--file-size", type=int, default=64 * 1024, help="bytes per raw file")
     args = parser.parse_args()
-    if args.packages < 1 or args.round_trips < 1:
-        parser.error("--packages and --round-trips must be at least 1")
+    if args.packages < 1 or args.round_trips < 1 or args.files_per_package < 1:
+        parser.error("--packages, --round-trips and --files-per-package must be at least 1")
+    if args.file_size < 1:
+        parser.error("--file-size must be at least 1 byte")
     if (
         args.pause < 0
         or args.timeout <= 0
         or (args.safety_tick is not None and args.safety_tick <= 0)
     ):
         parser.error("--pause must not be negative; --timeout and --safety-tick must be positive")
-    print(f"# {machine_line()}; {args.packages} packages")
+    print(
+        f"# {machine_line()}; {args.packages} packages of {args.files_per_package} files of "
+        f"{args.file_size} bytes"
+    )
     # Task lines at INFO would time the terminal, not the engine.
     os.environ.setdefault("LOG_LEVEL", "WARNING")
     with django_environment("trigger-latency", postgres_db=DATABASE):
@@ -380,7 +389,9 @@ def main() -> None:
         if args.safety_tick is None:
             args.safety_tick = float(settings.WORKFLOW_MANAGER_INTERVAL)
         started = time.perf_counter()
-        package_ids = build_packages(args.packages)
+        package_ids = build_packages(
+            args.packages, files=args.files_per_package, file_size=args.file_size
+        )
         print(f"# built {len(package_ids)} packages in {time.perf_counter() - started:.1f} s")
         samples, ended = measure_engine(args, package_ids)
         round_trips = measure_round_trips(args.round_trips)
