@@ -6,10 +6,10 @@ target p95 <= 5 s).
 The world is the demo facility (``demo_facility_load``) with simulated Prime-Cam scans
 (``demo_observations_simulate``) whose packages are planned and built by the packaging services
 into the ccat buffer (real tars, real checksums; by default 2 files of 64 KiB per package,
-``--files-per-package`` and ``--file-size`` make them larger). Its two demo pipelines ("Prime-Cam 280 GHz
-maps", "Prime-Cam 350 GHz maps") are CONTINUOUS, calibrate each scan (``group_by``
-executed_obs_unit, cooldown 0) and process at ``cologne:processing``; their reduction is the
-shipped demo reduction, run by the local backend.
+``--files-per-package`` and ``--file-size`` make them larger). Its two demo pipelines
+("Prime-Cam 280 GHz maps", "Prime-Cam 350 GHz maps") are CONTINUOUS, calibrate each scan
+(``group_by`` executed_obs_unit, cooldown 0) and process at ``cologne:processing``; their
+reduction is the shipped demo reduction, run by the local backend.
 
 For each of N packages (default 20), one at a time:
 
