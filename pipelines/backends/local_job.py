@@ -43,6 +43,7 @@ import time
 
 CALLBACK_ENV = "WORKFLOW_JOB_DONE_CALLBACK"  # same name as base.JOB_DONE_CALLBACK_ENV
 PUSH_TIMEOUT_SECONDS = 20
+PUSH_RETRY_PAUSES = (0.2, 0.7)  # seconds between the attempts of a push to Redis
 
 # JSON string escapes: the files this wrapper writes hold only flat objects of strings, numbers
 # and null, and importing ``json`` would cost more than the rest of the wrapper's start.
@@ -227,7 +228,17 @@ def push_completion(callback_json: str) -> str:
         else:
             task_id = _uuid4()
             key = str(options.get("global_keyprefix", "")) + queue
-            push_to_redis(address, key, to_json(celery_message(task, args, queue, task_id)))
+            payload = to_json(celery_message(task, args, queue, task_id))
+            # As kombu's retry policy did: a broker restarting gets two more chances. A reply
+            # lost after the LPUSH may leave the task twice; run_job_finished is safe to repeat.
+            for pause in (*PUSH_RETRY_PAUSES, None):
+                try:
+                    push_to_redis(address, key, payload)
+                    break
+                except OSError:
+                    if pause is None:
+                        raise
+                    time.sleep(pause)
         return f"completion pushed: {task}{args} to {queue} as {task_id}"
     except Exception as error:  # best effort: the result-manager's poll is the safety net
         return f"completion push failed ({error!r}); the poll finds it"

@@ -156,8 +156,9 @@ class _FakeRedis:
     """A one-connection server that records what it is sent and answers each command with the
     next of ``replies``."""
 
-    def __init__(self, replies: list[bytes]) -> None:
+    def __init__(self, replies: list[bytes], *, drop: int = 0) -> None:
         self.replies = replies
+        self.drop = drop  # connections closed at once, before the one that is served
         self.received = b""
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
@@ -165,6 +166,8 @@ class _FakeRedis:
         self.thread.start()
 
     def _serve(self) -> None:
+        for _ in range(self.drop):
+            self.server.accept()[0].close()
         connection, _ = self.server.accept()
         with connection:
             connection.settimeout(5)
@@ -195,6 +198,17 @@ def test_it_authenticates_and_selects_the_db_before_the_push_in_one_round_trip()
         + local_job.resp_command("SELECT", 5)
         + local_job.resp_command("LPUSH", "q", "{}")
     )
+
+
+def test_a_dropped_connection_is_tried_again() -> None:
+    fake = _FakeRedis([b":1\r\n"], drop=2)
+    try:
+        outcome = local_job.push_completion(_callback([8], f"redis://127.0.0.1:{fake.port}"))
+    finally:
+        fake.close()
+
+    assert outcome.startswith(f"completion pushed: {TASK}[8] to {QUEUE}")
+    assert fake.received.startswith(b"*3\r\n$5\r\nLPUSH\r\n")
 
 
 def test_a_wrong_password_is_reported_as_a_failed_push() -> None:
