@@ -369,12 +369,14 @@ def test_completion_is_pushed_to_the_broker_as_the_run_job_finished_task(
     from kombu import Connection
 
     folder = tmp_path / "broker"
-    for sub in ("queue", "processed"):
+    for sub in ("queue", "processed", "control"):
         (folder / sub).mkdir(parents=True)
+    # Every folder in tmp_path: kombu puts an unnamed control folder in the working directory.
     options = {
         "data_folder_in": str(folder / "queue"),
         "data_folder_out": str(folder / "queue"),
         "processed_folder": str(folder / "processed"),
+        "control_folder": str(folder / "control"),
         "store_processed": True,
     }
     callback = {
