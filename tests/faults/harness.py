@@ -324,7 +324,14 @@ class Facility:
         )
 
     def partial_files(self) -> list[Path]:
-        return [p for p in (self.var / "data").rglob("*.partial")]
+        """Partial files the data path left behind. Reduction runs' own directories
+        (``<processing root>/pipelines/...``) are left out: a demo reduction still running
+        writes its outputs through temporary names of its own."""
+        return [
+            p
+            for p in (self.var / "data").rglob("*.partial")
+            if "pipelines" not in p.relative_to(self.var / "data").parts
+        ]
 
 
 def file_sha256(path: Path) -> str:
