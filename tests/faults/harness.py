@@ -333,6 +333,16 @@ class Facility:
             if "pipelines" not in p.relative_to(self.var / "data").parts
         ]
 
+    def partial_files_left(self, within: float = 30.0) -> list[Path]:
+        """Partial files still there once writes in flight had ``within`` seconds to finish or
+        clean up. The data path goes on after what a test waited for (an unpack at the next
+        site may be writing at that moment); a file a crashed write left behind stays, so a
+        leak is still caught."""
+        deadline = time.monotonic() + within
+        while (left := self.partial_files()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return left
+
 
 def file_sha256(path: Path) -> str:
     import hashlib

@@ -21,8 +21,7 @@ def assert_each_copy_once_and_nothing_partial(facility: Facility) -> None:
         "count(*) FROM physical_copy WHERE status <> 'deleted' GROUP BY 1, 2, 3 HAVING count(*) > 1"
     )
     assert duplicates == []
-    partial = [p for p in (facility.var / "data").rglob("*") if p.name.endswith(".partial")]
-    assert partial == []
+    assert facility.partial_files_left() == []
     failed = facility.sql(
         "SELECT (SELECT count(*) FROM data_transfer WHERE status = 'failed' "
         "        OR unpack_status = 'failed') "

@@ -25,7 +25,7 @@ def assert_built_once_and_intact(facility: Facility) -> None:
         assert facility.copies(package["id"]) == 1
         tar = Path(package["root"]) / package["relative_path"]
         assert file_sha256(tar) == package["checksum"]
-    assert facility.partial_files() == []
+    assert facility.partial_files_left() == []
     claimed = facility.sql(
         "SELECT count(*) FROM raw_data_package WHERE status IN ('scheduled', 'in_progress')"
     )
@@ -139,7 +139,7 @@ def test_a_full_buffer_fails_clearly_after_retries_and_loses_nothing(facility: F
         starts = [e for e in facility.events(package["id"]) if e[1] == "in_progress"]
         assert len(starts) == 4
         assert facility.copies(package["id"]) == 0
-    assert facility.partial_files() == []
+    assert facility.partial_files_left() == []
     # Nothing lost: every raw file is intact where it was, still assigned to its package.
     for root, relative, checksum in sources.values():
         assert file_sha256(Path(root) / relative) == checksum
