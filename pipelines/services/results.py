@@ -285,9 +285,12 @@ class Output:
     size: int
 
 
-def run_collect(run_id: int, *, token: str, owner: str) -> ExecutedReductionStep:
+def run_collect(
+    run_id: int, *, token: str, owner: str, queue_evaluation: bool = True
+) -> ExecutedReductionStep:
     """Register the outputs of a COLLECTING_RESULTS run held by ``token`` and complete it
-    (module docstring). Returns the COMPLETED run. Raises ``ClaimLost`` when the claim no
+    (module docstring), queueing a trigger evaluation for its downstream steps unless the
+    caller evaluates them itself (``queue_evaluation=False``). Returns the COMPLETED run. Raises ``ClaimLost`` when the claim no
     longer holds the run (nothing written); any other error is left to the caller, which fails
     the run (``run_fail_for_exception``)."""
     run = ExecutedReductionStep.objects.select_related(
@@ -353,8 +356,9 @@ def run_collect(run_id: int, *, token: str, owner: str) -> ExecutedReductionStep
             except TransitionConflict as exc:
                 raise ClaimLost(f"run {run.pk}: claim lost while collecting ({exc})") from exc
             run_release_staging(run)
-            # Downstream steps may now have a gap: evaluate at once, not at the next tick.
-            queue_trigger_evaluation()
+            if queue_evaluation:
+                # Downstream steps may now have a gap: evaluate at once, not at the next tick.
+                queue_trigger_evaluation()
     return run
 
 
@@ -438,28 +442,29 @@ def run_collect_now(run_id: int, *, owner: str) -> dict[str, Any]:
         from .runs import run_fail_for_exception
 
         try:
-            run_collect(run_id, token=applied.token, owner=owner)
+            run_collect(run_id, token=applied.token, owner=owner, queue_evaluation=False)
         except ClaimLost as exc:
             log.info("run %s: %s", run_id, exc)
         except Exception as exc:
             log.exception("collecting run %s failed", run_id)
             run_fail_for_exception(run_id, exc, token=applied.token, actor=f"worker:{owner}")
         else:
-            advance_downstream(owner=owner)
+            advance_downstream(run_id, owner=owner)
     run.refresh_from_db(fields=["status"])
     return {"id": run_id, "done": True, "status": run.status}
 
 
-def advance_downstream(*, owner: str) -> None:
-    """Right after a run completed in this worker: evaluate the triggers (its downstream steps
-    may have a gap now) and tick the workflow manager (claim the runs that created and dispatch
-    their submission), so a chain of steps advances at the pace of its jobs, not of the
-    managers' ticks. Best effort: an error is logged, and the periodic ticks do the same work."""
+def advance_downstream(run_id: int, *, owner: str) -> None:
+    """Right after run ``run_id`` completed in this worker: evaluate its downstream steps (they
+    may have a gap now; only those, not every served pipeline) and tick the workflow manager
+    (claim the runs that created and dispatch their submission), so a chain of steps advances
+    at the pace of its jobs, not of the managers' ticks. Best effort: an error is logged, and
+    the periodic ticks do the same work."""
     from .runs import workflow_manager_tick
-    from .triggers import trigger_evaluate_now
+    from .triggers import trigger_evaluate_downstream
 
     try:
-        created = trigger_evaluate_now(owner=owner)
+        created = trigger_evaluate_downstream([run_id], owner=owner)
         workflow_manager_tick(owner=owner)
     except Exception:
         log.exception("advancing the steps downstream of a completed run failed")

@@ -288,7 +288,9 @@ def test_a_collection_whose_worker_died_is_claimed_again_and_registered_once(
 
 
 def test_a_pushed_job_end_collects_the_run_at_once_and_starts_its_downstream_step(
-    tmp_path: Path, fake_backend: type[FakeBackend]
+    tmp_path: Path,
+    fake_backend: type[FakeBackend],
+    django_capture_on_commit_callbacks,  # type: ignore[no-untyped-def]
 ) -> None:
     from pipelines.grouping import sub_group_key
     from pipelines.tasks import run_job_finished
@@ -304,7 +306,10 @@ def test_a_pushed_job_end_collects_the_run_at_once_and_starts_its_downstream_ste
     )
     FakeBackend.finish(run.hpc_job_id, outputs={"workspace/calibrate/science/s.csv": b"1"})
 
-    assert run_job_finished(run.pk) == {"id": run.pk, "done": True, "status": "completed"}
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        assert run_job_finished(run.pk) == {"id": run.pk, "done": True, "status": "completed"}
+    # The task evaluated the downstream step itself: it queues no second evaluation.
+    assert not [c for c in callbacks if "evaluation" in getattr(c, "__name__", repr(c))]
     [downstream] = ExecutedReductionStep.objects.filter(reduction_step=combine)
     assert set(downstream.input_products.all()) == set(run.products.all())
     # Claimed and handed to a submitter in the same task, not at the next tick.

@@ -90,6 +90,57 @@ def test_an_upstream_run_completing_brings_its_downstream_sub_group_back() -> No
     assert downstream.sub_group_key == run.sub_group_key
 
 
+def test_evaluating_downstream_of_a_finished_run_creates_only_its_sub_groups_runs() -> None:
+    from pipelines.services.triggers import trigger_evaluate_downstream
+
+    p = pipeline()
+    calibrate = step(p, step_order=1)
+    baseline = step(p, step_order=2, upstream=[calibrate])
+    first, second = ExecutedObsUnitFactory(), ExecutedObsUnitFactory()
+    archived(first)
+    archived(second)
+    start = timezone.now()
+    tick(start)
+    done, waiting = sorted(runs_of(calibrate), key=lambda r: r.pk)
+    finish(done, RunStatus.COMPLETED)
+    watermark = Pipeline.objects.get(pk=p.pk).trigger_watermark
+
+    with CaptureQueriesContext(connection) as queries:
+        assert trigger_evaluate_downstream([done.pk], owner="t") == {"created": 1}
+    (downstream,) = runs_of(baseline)
+    assert downstream.sub_group_key == done.sub_group_key
+    assert set(downstream.input_raw_packages.all()) == set(done.input_raw_packages.all())
+    # A few queries (the run, its step's dependants, inputs, pipelines, steps, the gap of that
+    # sub-group and the new run), whatever else the facility holds; the watermark is the tick's.
+    assert len(queries) < 40, [q["sql"][:80] for q in queries.captured_queries]
+    assert Pipeline.objects.get(pk=p.pk).trigger_watermark == watermark
+    # Again, or the tick after it: nothing more. A run that is not finished opens nothing.
+    assert trigger_evaluate_downstream([done.pk], owner="t") == {"created": 0}
+    assert trigger_evaluate_downstream([waiting.pk], owner="t") == {"created": 0}
+    assert tick(start + timedelta(seconds=10))["created"] == 0
+    assert len(runs_of(baseline)) == 1
+
+
+def test_evaluating_downstream_ignores_disabled_pipelines_and_last_steps() -> None:
+    from pipelines.services.triggers import trigger_evaluate_downstream
+
+    p = pipeline()
+    calibrate = step(p, step_order=1)
+    baseline = step(p, step_order=2, upstream=[calibrate])
+    archived()
+    tick()
+    (run,) = runs_of(calibrate)
+    finish(run, RunStatus.COMPLETED)
+    Pipeline.objects.filter(pk=p.pk).update(enabled=False)
+    assert trigger_evaluate_downstream([run.pk], owner="t") == {"created": 0}
+    assert runs_of(baseline) == []
+    Pipeline.objects.filter(pk=p.pk).update(enabled=True)
+    assert trigger_evaluate_downstream([run.pk], owner="t") == {"created": 1}
+    (last,) = runs_of(baseline)
+    finish(last, RunStatus.COMPLETED)
+    assert trigger_evaluate_downstream([last.pk], owner="t") == {"created": 0}
+
+
 def test_a_manual_trigger_is_followed_by_its_downstream_steps() -> None:
     from pipelines.models import TriggerType
     from pipelines.services.triggers import pipeline_trigger

@@ -68,6 +68,7 @@ from .manager import (
     pipeline_trigger,
     queue_trigger_evaluation,
     step_software_version,
+    trigger_evaluate_downstream,
     trigger_evaluate_now,
     trigger_manager_tick,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "served_pipelines",
     "step_gap",
     "step_software_version",
+    "trigger_evaluate_downstream",
     "trigger_evaluate_now",
     "trigger_manager_tick",
 ]

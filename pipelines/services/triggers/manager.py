@@ -454,6 +454,62 @@ def trigger_evaluate_now(*, owner: str, now: datetime | None = None) -> dict[str
     return _tick(owner=owner, now=now, allow_full=False)
 
 
+def trigger_evaluate_downstream(
+    run_ids: Sequence[int], *, owner: str, now: datetime | None = None
+) -> dict[str, int]:
+    """Evaluate only what these just-finished runs can have opened: the steps that depend on
+    their steps, for the sub-groups their input packages fall in. A handful of queries, where an
+    incremental evaluation looks at every served pipeline; the completion task calls it so a
+    chain advances at the pace of its jobs. Watermarks are left alone: the next tick looks at
+    the same runs again and creates nothing twice (the gap and the one-active-run constraint).
+    Runs of pipelines this instance does not serve are ignored. Returns {"created": runs}."""
+    now = now or timezone.now()
+    actor = f"trigger-manager:{owner}"[:200]
+    finished = list(
+        ExecutedReductionStep.objects.filter(
+            pk__in=list(run_ids),
+            status__in=[RunStatus.COMPLETED, RunStatus.CANCELLED, RunStatus.FAILED],
+        ).values_list("pk", "reduction_step_id")
+    )
+    step_of_run = dict(finished)
+    downstream: dict[int, list[int]] = defaultdict(list)
+    for down, up in ReductionStep.depends_on.through.objects.filter(
+        to_reductionstep_id__in=set(step_of_run.values())
+    ).values_list("from_reductionstep_id", "to_reductionstep_id"):
+        downstream[up].append(down)
+    if not downstream:
+        return {"created": 0}
+    packages: dict[int, set[int]] = defaultdict(set)
+    for run_id, package_id in RunInputs.objects.filter(
+        executedreductionstep_id__in=list(step_of_run)
+    ).values_list("executedreductionstep_id", "rawdatapackage_id"):
+        packages[run_id].add(package_id)
+    pipeline_of = dict(
+        ReductionStep.objects.filter(
+            pk__in={d for downs in downstream.values() for d in downs}
+        ).values_list("pk", "pipeline_id")
+    )
+    pipelines = list(served_pipelines().filter(pk__in=set(pipeline_of.values())))
+    affected: dict[int, _Affected] = {p.pk: _Affected() for p in pipelines}
+    for run_id, step_id in step_of_run.items():
+        for down in downstream.get(step_id, ()):
+            if pipeline_of[down] in affected:
+                affected[pipeline_of[down]].upstream_packages[down] |= packages[run_id]
+    steps = _steps_of(pipelines)
+    created: list[ExecutedReductionStep] = []
+    for pipeline in pipelines:
+        created += _evaluate(
+            pipeline,
+            now=now,
+            full=False,
+            roots=False,
+            affected=affected[pipeline.pk],
+            actor=actor,
+            steps=steps[pipeline.pk],
+        )
+    return {"created": len(created)}
+
+
 def _tick(*, owner: str, now: datetime | None, allow_full: bool) -> dict[str, int]:
     started = time.monotonic()
     now = now or timezone.now()
