@@ -290,9 +290,9 @@ def run_collect(
 ) -> ExecutedReductionStep:
     """Register the outputs of a COLLECTING_RESULTS run held by ``token`` and complete it
     (module docstring), queueing a trigger evaluation for its downstream steps unless the
-    caller evaluates them itself (``queue_evaluation=False``). Returns the COMPLETED run. Raises ``ClaimLost`` when the claim no
-    longer holds the run (nothing written); any other error is left to the caller, which fails
-    the run (``run_fail_for_exception``)."""
+    caller evaluates them itself (``queue_evaluation=False``). Returns the COMPLETED run.
+    Raises ``ClaimLost`` when the claim no longer holds the run (nothing written); any other
+    error is left to the caller, which fails the run (``run_fail_for_exception``)."""
     run = ExecutedReductionStep.objects.select_related(
         "reduction_step__pipeline__processing_location"
     ).get(pk=run_id)
