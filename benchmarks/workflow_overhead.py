@@ -128,7 +128,52 @@ def run_engine(step_ids: list[int], *, timeout: float, safety_tick: float) -> di
     assert done.finished_at is not None
     wall = (done.finished_at - started) / timedelta(seconds=1)
     lifetimes = sum(run.wall_time_seconds or 0.0 for run in runs)
+    print_breakdown(runs, step_ids)
     return {"wall": wall, "lifetimes": lifetimes, "safety": float(safety_work)}
+
+
+SEGMENTS = (
+    ("previous COMPLETED -> created", None, "created"),
+    ("created -> staging_data", "created", "staging_data"),
+    ("staging_data -> submitted", "staging_data", "submitted"),
+    ("submitted -> running", "submitted", "running"),
+    ("running -> collecting_results", "running", "collecting_results"),
+    ("collecting_results -> completed", "collecting_results", "completed"),
+)
+
+
+def print_breakdown(runs: list, step_ids: list[int]) -> None:
+    """Median time of each stretch of a step's life, from the runs' state events: where the
+    overhead goes (the job itself lies inside submitted -> collecting_results)."""
+    import statistics
+
+    from pipelines.models import StateEvent
+
+    table = runs[0]._meta.db_table
+    moments: dict[str, dict[str, float]] = {
+        str(run.pk): {"created": run.created_at.timestamp()} for run in runs
+    }
+    for object_id, to_state, at in StateEvent.objects.filter(
+        entity=table, field="status", object_id__in=list(moments)
+    ).values_list("object_id", "to_state", "created_at"):
+        moments[object_id].setdefault(to_state, at.timestamp())  # the first time it got there
+    order = {step: index for index, step in enumerate(step_ids)}
+    chain = sorted(runs, key=lambda run: order[run.reduction_step_id])
+    print("# median per step, ms (from state events):")
+    for label, start, end in SEGMENTS:
+        values = []
+        for previous, run in zip([None, *chain], chain, strict=False):
+            m = moments[str(run.pk)]
+            if start is None:
+                if previous is None:
+                    continue
+                begin = moments[str(previous.pk)].get("completed")
+            else:
+                begin = m.get(start)
+            if begin is not None and end in m:
+                values.append((m[end] - begin) * 1000)
+        if values:
+            print(f"#   {label:<34} {statistics.median(values):8.1f}")
 
 
 def run_celery_chain(steps: int, *, timeout: float) -> dict[str, float]:

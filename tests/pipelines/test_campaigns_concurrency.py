@@ -5,46 +5,20 @@ campaign and no duplicate runs. Skipped on SQLite, failed under REQUIRE_SERVICES
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
-from collections.abc import Callable
 from io import StringIO
 from typing import Any
 
 import pytest
 from django.core.management import call_command
-from django.db import connection
 
 from pipelines.models import Campaign, ExecutedReductionStep, RunStatus
 from pipelines.services.runs import run_claim_batch
+from tests.concurrency import together
 
 from .campaign_helpers import scan_package, two_step_pipeline
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def _together(work: Callable[[], Any], *, threads: int = 2) -> list[Any]:
-    barrier = threading.Barrier(threads)
-    results: list[Any] = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            barrier.wait(timeout=30)
-            results.append(work())
-        except BaseException as exc:  # reported to the test below
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    workers = [threading.Thread(target=run) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=120)
-    if errors:
-        raise errors[0]
-    return results
 
 
 def _backfill(pipeline: Any, *extra: str) -> None:
@@ -60,7 +34,7 @@ def test_two_workflow_managers_at_once_admit_at_most_max_active(require_postgres
         scan_package(day)
     _backfill(pipeline, "--max-active", "3")
     for _ in range(3):
-        _together(lambda: run_claim_batch(owner="wm", limit=1))
+        together(lambda: run_claim_batch(owner="wm", limit=1))
     campaign = Campaign.objects.get()
     admitted = campaign.runs.exclude(status=RunStatus.PENDING).count()
     assert admitted == 3
@@ -72,7 +46,7 @@ def test_two_identical_backfills_at_once_make_one_campaign_and_no_duplicates(
     pipeline, _calibrate, _combine = two_step_pipeline()
     for day in range(1, 9):
         scan_package(day)
-    _together(lambda: _backfill(pipeline))
+    together(lambda: _backfill(pipeline))
     assert Campaign.objects.count() == 1
     pairs = Counter(ExecutedReductionStep.objects.values_list("reduction_step_id", "sub_group_key"))
     assert len(pairs) == 8 and max(pairs.values()) == 1

@@ -6,45 +6,19 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 from unittest import mock
 
 import pytest
-from django.db import connection
 
 from pipelines.models import ExecutedReductionStep, TriggerType
 from pipelines.services import triggers
 from pipelines.services.triggers import pipeline_evaluate, trigger_manager_tick
+from tests.concurrency import together
 from tests.factories import ExecutedObsUnitFactory
 from tests.pipelines.triggers_helpers import archived, pipeline, step
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def _together(work: Callable[[], Any], *, threads: int = 2) -> list[Any]:
-    """Run ``work`` in ``threads`` threads started at once; returns results, re-raises errors."""
-    barrier = threading.Barrier(threads)
-    results: list[Any] = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            barrier.wait(timeout=30)
-            results.append(work())
-        except BaseException as exc:  # reported to the test below
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    workers = [threading.Thread(target=run) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=120)
-    if errors:
-        raise errors[0]
-    return results
 
 
 def _no_duplicates() -> Counter[tuple[int, str]]:
@@ -60,7 +34,7 @@ def test_two_trigger_managers_at_once_create_each_run_once(require_postgres) -> 
         step(p, group_by=[])
         for _ in range(10):
             archived(ExecutedObsUnitFactory())
-    results = _together(lambda: trigger_manager_tick(owner="t"))
+    results = together(lambda: trigger_manager_tick(owner="t"))
     pairs = _no_duplicates()
     # Every pipeline's grouping takes every archived package: 30 scans and one "all" each.
     assert len(pairs) == 3 * (30 + 1)
@@ -85,7 +59,7 @@ def test_two_managers_with_the_same_stale_view_lose_cleanly_to_the_constraint(
         return decisions
 
     with mock.patch.object(triggers.manager, "_decide", decide_then_wait):
-        results = _together(lambda: pipeline_evaluate(p, full=True))
+        results = together(lambda: pipeline_evaluate(p, full=True))
     assert sorted(len(r) for r in results)[1] >= 1
     assert sum(len(r) for r in results) == 20
     assert ExecutedReductionStep.objects.filter(reduction_step=s).count() == 20
@@ -101,6 +75,6 @@ def test_two_managers_evaluate_a_cron_due_time_once(require_postgres) -> None:
     step(p, group_by=[])
     later = timezone.now() + timedelta(minutes=6)
     archived(at=later - timedelta(minutes=1))
-    results = _together(lambda: trigger_manager_tick(owner="t", now=later))
+    results = together(lambda: trigger_manager_tick(owner="t", now=later))
     assert sum(r["created"] for r in results) == 1
     _no_duplicates()
