@@ -503,7 +503,7 @@ def campaign_create_run(
 ) -> ExecutedReductionStep | None:
     """Insert the PENDING run of ``planned`` in ``campaign``, with its inputs, in a savepoint.
     Returns None when the database refused it (another run took the sub-group meanwhile)."""
-    from pipelines.services.triggers.manager import _config_snapshot, step_software_version
+    from pipelines.services.triggers.creation import run_config_snapshot, step_software_version
 
     step = planned.step
     triggered_by = (
@@ -521,7 +521,7 @@ def campaign_create_run(
                 triggered_by=triggered_by,
                 max_retries=step.max_retries,
                 software_version=step_software_version(step),
-                config_snapshot=_config_snapshot(step),
+                config_snapshot=run_config_snapshot(step),
                 excluded_inputs=planned.excluded,
                 campaign=campaign,
                 replaces=planned.replaces,

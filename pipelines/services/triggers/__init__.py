@@ -50,6 +50,7 @@ Modules: ``gap.py`` reads and decides (no writes), ``manager.py`` creates runs a
 ``why.py`` words the decisions for ``manage.py why``.
 """
 
+from .creation import run_config_snapshot, step_software_version
 from .gap import (
     Decision,
     Reason,
@@ -67,7 +68,6 @@ from .manager import (
     pipeline_evaluate,
     pipeline_trigger,
     queue_trigger_evaluation,
-    step_software_version,
     trigger_evaluate_downstream,
     trigger_evaluate_now,
     trigger_manager_tick,
@@ -88,6 +88,7 @@ __all__ = [
     "pipeline_trigger",
     "processing_location_id",
     "queue_trigger_evaluation",
+    "run_config_snapshot",
     "served_pipelines",
     "step_gap",
     "step_software_version",

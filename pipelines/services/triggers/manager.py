@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import re
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -18,24 +17,21 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from pipelines.models import (
     DataGrouping,
-    DataProduct,
     ExecutedReductionStep,
     Pipeline,
     RawDataPackage,
-    ReductionSoftwareVersion,
     ReductionStep,
     RunStatus,
     TriggerType,
-    VersionPolicy,
 )
-from pipelines.services.states import record_creation
 
+from .creation import create_run
 from .gap import (
     Decision,
     Reason,
@@ -65,100 +61,10 @@ WATERMARK_LAG = timedelta(seconds=15)
 # The cache key that says an on-demand evaluation is queued and has not started yet.
 QUEUED_KEY = "workflow:trigger-evaluation-queued"
 
-RunProducts = ExecutedReductionStep.input_products.through
-
 
 class TriggerError(ValidationError):
     """A manual trigger that cannot be done (disabled pipeline, unknown sub-group): nothing was
     created."""
-
-
-# --- creating runs ------------------------------------------------------------------------------
-def _version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", version)[:4])
-
-
-def step_software_version(step: ReductionStep) -> ReductionSoftwareVersion | None:
-    """The version a new run of ``step`` uses, by its policy: PINNED the referenced version;
-    LATEST the newest active version of the step's software; COMPATIBLE the newest active one
-    with the referenced version's major number (LATEST when there is no reference). "Newest"
-    compares the numeric parts of the version string (1.10.0 > 1.9.3). None when no version
-    qualifies (the workflow manager fails such a run with that reason)."""
-    if step.version_policy == VersionPolicy.PINNED:
-        return step.software_version
-    candidates = list(
-        ReductionSoftwareVersion.objects.filter(software=step.software, is_active=True)
-    )
-    if step.version_policy == VersionPolicy.COMPATIBLE and step.software_version is not None:
-        major = _version_key(step.software_version.version)[:1]
-        candidates = [v for v in candidates if _version_key(v.version)[:1] == major]
-        if not candidates:
-            return step.software_version
-    if not candidates:
-        return step.software_version
-    return max(candidates, key=lambda v: (_version_key(v.version), v.created_at))
-
-
-def _config_snapshot(step: ReductionStep) -> dict[str, Any]:
-    """What the run will be given, frozen at creation: the step's parameter set (``parameters``,
-    read by the manifest), its resources and grouping."""
-    config = step.config
-    return {
-        "config": config.name if config else "",
-        "parameters": dict(config.parameters) if config else {},
-        "resource_requirements": dict(step.resource_requirements or {}),
-        "group_by": list(step.group_by or []),
-    }
-
-
-def _create_run(
-    decision: Decision, *, triggered_by: str, actor: str
-) -> ExecutedReductionStep | None:
-    """Insert the PENDING run of a decision with its inputs, in a savepoint. Returns None when
-    the database refused it because another run occupies the (step, sub-group) meanwhile (the
-    unique constraint: another manager won the race)."""
-    step = decision.step
-    try:
-        with transaction.atomic():
-            run = ExecutedReductionStep.objects.create(
-                reduction_step=step,
-                sub_group_key=decision.key,
-                sub_group_values=decision.values,
-                status=RunStatus.PENDING,
-                triggered_by=triggered_by,
-                max_retries=step.max_retries,
-                software_version=step_software_version(step),
-                config_snapshot=_config_snapshot(step),
-                excluded_inputs=decision.excluded,
-            )
-            RunInputs.objects.bulk_create(
-                [
-                    RunInputs(executedreductionstep_id=run.pk, rawdatapackage_id=p)
-                    for p in decision.package_ids
-                ]
-            )
-            # The upstream runs' products, read only now that a run is made of them.
-            products = DataProduct.objects.filter(
-                produced_by_id__in=decision.upstream_run_ids
-            ).values_list("pk", flat=True)
-            if decision.upstream_run_ids:
-                RunProducts.objects.bulk_create(
-                    [
-                        RunProducts(executedreductionstep_id=run.pk, dataproduct_id=p)
-                        for p in products
-                    ]
-                )
-            record_creation(
-                run,
-                actor=actor,
-                reason=f"{len(decision.package_ids)} packages, {len(decision.gap)} new"
-                + (f", {len(decision.excluded)} left out" if decision.excluded else ""),
-            )
-    except IntegrityError as exc:
-        log.info("%s [%s]: not created, the sub-group is occupied: %s", step, decision.key, exc)
-        return None
-    decision.run = run
-    return run
 
 
 # --- evaluating a pipeline ----------------------------------------------------------------------
@@ -245,7 +151,7 @@ def _evaluate(
         for decision in _decide(step, upstream, sub_groups, now=now, full=full):
             if decision.reason != Reason.CREATE:
                 continue
-            run = _create_run(
+            run = create_run(
                 decision, triggered_by=ExecutedReductionStep.TriggeredBy.AUTOMATIC, actor=actor
             )
             if run is not None:
@@ -790,7 +696,7 @@ def _evaluate_full_batch(
             ):
                 if decision.reason != Reason.CREATE:
                     continue
-                run = _create_run(
+                run = create_run(
                     decision,
                     triggered_by=ExecutedReductionStep.TriggeredBy.AUTOMATIC,
                     actor=actor,
@@ -899,7 +805,7 @@ def pipeline_trigger(
         for decision in _decide(step, [], chosen, now=now, full=False, respect_cooldown=False):
             decisions.append(decision)
             if decision.reason == Reason.CREATE and not dry_run:
-                _create_run(
+                create_run(
                     decision,
                     triggered_by=ExecutedReductionStep.TriggeredBy.MANUAL,
                     actor=f"user:{who}",
