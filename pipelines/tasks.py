@@ -529,10 +529,11 @@ def submit_run(run_id: int, claim_token: str = "") -> dict[str, Any]:
     max_retries=0,
 )
 def collect_run_results(run_id: int, claim_token: str = "") -> dict[str, Any]:
-    """Worker (workflow.results): register one finished run's products and complete it."""
-    from pipelines.services.results import run_collect
+    """Worker (workflow.results): register one finished run's products, complete it and start
+    what depends on it."""
+    from pipelines.services.results import run_collect_and_advance
 
-    return _run_task(run_id, claim_token, run_collect)
+    return _run_task(run_id, claim_token, run_collect_and_advance)
 
 
 @shared_task(name="pipelines.tasks.run_job_finished", acks_late=True, max_retries=0)

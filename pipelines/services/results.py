@@ -454,6 +454,16 @@ def run_collect_now(run_id: int, *, owner: str) -> dict[str, Any]:
     return {"id": run_id, "done": True, "status": run.status}
 
 
+def run_collect_and_advance(run_id: int, *, token: str, owner: str) -> ExecutedReductionStep:
+    """The collection task's work (``collect_run_results``, the polled path): ``run_collect``,
+    then the run's downstream steps evaluated and the workflow manager ticked in the same task,
+    as the pushed completion does (``advance_downstream``), instead of queueing an evaluation
+    of every served pipeline."""
+    run = run_collect(run_id, token=token, owner=owner, queue_evaluation=False)
+    advance_downstream(run_id, owner=owner)
+    return run
+
+
 def advance_downstream(run_id: int, *, owner: str) -> None:
     """Right after run ``run_id`` completed in this worker: evaluate its downstream steps (they
     may have a gap now; only those, not every served pipeline) and tick the workflow manager

@@ -319,6 +319,36 @@ def test_a_pushed_job_end_collects_the_run_at_once_and_starts_its_downstream_ste
     assert run_job_finished(run.pk)["done"] is False
 
 
+def test_the_polled_collection_task_starts_the_downstream_step_itself(
+    tmp_path: Path,
+    fake_backend: type[FakeBackend],
+    django_capture_on_commit_callbacks,  # type: ignore[no-untyped-def]
+) -> None:
+    from pipelines.grouping import sub_group_key
+    from pipelines.tasks import collect_run_results
+
+    w = world(tmp_path)
+    combine = ReductionStepFactory(pipeline=w.step.pipeline, name="combine", group_by=[],
+                                   software=w.step.software,
+                                   software_version=w.step.software_version)  # fmt: skip
+    combine.depends_on.set([w.step])
+    scan = w.packages[0].executed_obs_unit_id
+    run = submitted(
+        w, sub_group_key=sub_group_key(["executed_obs_unit"], {"executed_obs_unit": scan})
+    )
+    FakeBackend.finish(run.hpc_job_id, outputs={"workspace/calibrate/science/s.csv": b"1"})
+    result_manager_tick(owner="rm")  # polls the job, claims the collection
+    run.refresh_from_db()
+    assert run.status == RunStatus.COLLECTING_RESULTS
+
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        assert collect_run_results(run.pk, claim_token=run.claim_token)["done"] is True
+    assert not [c for c in callbacks if "evaluation" in getattr(c, "__name__", repr(c))]
+    [downstream] = ExecutedReductionStep.objects.filter(reduction_step=combine)
+    assert set(downstream.input_products.all()) == set(run.products.all())
+    assert downstream.status == RunStatus.STAGING_DATA
+
+
 def test_a_finished_run_releases_its_staging_job_only_once_no_other_live_run_uses_it(
     tmp_path: Path, fake_backend: type[FakeBackend]
 ) -> None:
