@@ -503,7 +503,7 @@ def campaign_create_run(
 ) -> ExecutedReductionStep | None:
     """Insert the PENDING run of ``planned`` in ``campaign``, with its inputs, in a savepoint.
     Returns None when the database refused it (another run took the sub-group meanwhile)."""
-    from pipelines.services.triggers.creation import run_config_snapshot, step_software_version
+    from pipelines.services.triggers.creation import insert_run
 
     step = planned.step
     triggered_by = (
@@ -513,39 +513,20 @@ def campaign_create_run(
     )
     try:
         with transaction.atomic():
-            run = ExecutedReductionStep.objects.create(
-                reduction_step=step,
-                sub_group_key=planned.key,
-                sub_group_values=planned.values,
-                status=RunStatus.PENDING,
+            run = insert_run(
+                step,
+                key=planned.key,
+                values=planned.values,
+                package_ids=planned.package_ids,
+                excluded=planned.excluded,
+                upstream_run_ids=planned.upstream_run_ids,
+                product_ids=planned.product_ids,
                 triggered_by=triggered_by,
-                max_retries=step.max_retries,
-                software_version=step_software_version(step),
-                config_snapshot=run_config_snapshot(step),
-                excluded_inputs=planned.excluded,
+                actor=actor,
+                reason=f"{campaign}: {planned.why}",
                 campaign=campaign,
                 replaces=planned.replaces,
             )
-            RunInputs.objects.bulk_create(
-                [
-                    RunInputs(executedreductionstep_id=run.pk, rawdatapackage_id=p)
-                    for p in planned.package_ids
-                ]
-            )
-            product_ids = planned.product_ids
-            if product_ids is None:
-                product_ids = list(
-                    DataProduct.objects.filter(
-                        produced_by_id__in=planned.upstream_run_ids
-                    ).values_list("pk", flat=True)
-                )
-            RunProducts.objects.bulk_create(
-                [
-                    RunProducts(executedreductionstep_id=run.pk, dataproduct_id=p)
-                    for p in product_ids
-                ]
-            )
-            record_creation(run, actor=actor, reason=f"{campaign}: {planned.why}"[:1000])
     except IntegrityError as exc:
         log.info("%s: %s [%s] not created, occupied: %s", campaign, step, planned.key, exc)
         return None

@@ -10,6 +10,7 @@ from pipelines.models import (
     DataProduct,
     ExecutedReductionStep,
     PhysicalCopy,
+    ReductionStep,
     RunStatus,
     StagingJob,
     StateEvent,
@@ -287,13 +288,11 @@ def test_a_collection_whose_worker_died_is_claimed_again_and_registered_once(
     assert run.products.count() == DataProduct.objects.filter(produced_by=run).count() == 5
 
 
-def test_a_pushed_job_end_collects_the_run_at_once_and_starts_its_downstream_step(
+def _finished_run_with_a_downstream_step(
     tmp_path: Path,
-    fake_backend: type[FakeBackend],
-    django_capture_on_commit_callbacks,  # type: ignore[no-untyped-def]
-) -> None:
+) -> tuple[ExecutedReductionStep, ReductionStep]:
+    """A per-scan calibrate run whose job just finished, and a combine step depending on it."""
     from pipelines.grouping import sub_group_key
-    from pipelines.tasks import run_job_finished
 
     w = world(tmp_path)
     combine = ReductionStepFactory(pipeline=w.step.pipeline, name="combine", group_by=[],
@@ -305,6 +304,17 @@ def test_a_pushed_job_end_collects_the_run_at_once_and_starts_its_downstream_ste
         w, sub_group_key=sub_group_key(["executed_obs_unit"], {"executed_obs_unit": scan})
     )
     FakeBackend.finish(run.hpc_job_id, outputs={"workspace/calibrate/science/s.csv": b"1"})
+    return run, combine
+
+
+def test_a_pushed_job_end_collects_the_run_at_once_and_starts_its_downstream_step(
+    tmp_path: Path,
+    fake_backend: type[FakeBackend],
+    django_capture_on_commit_callbacks,  # type: ignore[no-untyped-def]
+) -> None:
+    from pipelines.tasks import run_job_finished
+
+    run, combine = _finished_run_with_a_downstream_step(tmp_path)
 
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
         assert run_job_finished(run.pk) == {"id": run.pk, "done": True, "status": "completed"}
@@ -324,19 +334,9 @@ def test_the_polled_collection_task_starts_the_downstream_step_itself(
     fake_backend: type[FakeBackend],
     django_capture_on_commit_callbacks,  # type: ignore[no-untyped-def]
 ) -> None:
-    from pipelines.grouping import sub_group_key
     from pipelines.tasks import collect_run_results
 
-    w = world(tmp_path)
-    combine = ReductionStepFactory(pipeline=w.step.pipeline, name="combine", group_by=[],
-                                   software=w.step.software,
-                                   software_version=w.step.software_version)  # fmt: skip
-    combine.depends_on.set([w.step])
-    scan = w.packages[0].executed_obs_unit_id
-    run = submitted(
-        w, sub_group_key=sub_group_key(["executed_obs_unit"], {"executed_obs_unit": scan})
-    )
-    FakeBackend.finish(run.hpc_job_id, outputs={"workspace/calibrate/science/s.csv": b"1"})
+    run, combine = _finished_run_with_a_downstream_step(tmp_path)
     result_manager_tick(owner="rm")  # polls the job, claims the collection
     run.refresh_from_db()
     assert run.status == RunStatus.COLLECTING_RESULTS

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from django.db import IntegrityError, transaction
@@ -65,6 +66,54 @@ def run_config_snapshot(step: ReductionStep) -> dict[str, Any]:
     }
 
 
+def insert_run(
+    step: ReductionStep,
+    *,
+    key: str,
+    values: dict[str, Any],
+    package_ids: Sequence[int],
+    excluded: list[Any],
+    upstream_run_ids: Sequence[int],
+    product_ids: Sequence[int] | None = None,
+    triggered_by: str,
+    actor: str,
+    reason: str,
+    **fields: Any,
+) -> ExecutedReductionStep:
+    """Insert a PENDING run of ``step`` for one sub-group with its input packages and upstream
+    products (``product_ids``, else every product of ``upstream_run_ids``, read only now that a
+    run is made of them) and its creation event. ``fields``: more columns (campaign, replaces).
+    Raises ``IntegrityError`` when another run occupies the (step, sub-group); callers wrap it
+    in a savepoint."""
+    run = ExecutedReductionStep.objects.create(
+        reduction_step=step,
+        sub_group_key=key,
+        sub_group_values=values,
+        status=RunStatus.PENDING,
+        triggered_by=triggered_by,
+        max_retries=step.max_retries,
+        software_version=step_software_version(step),
+        config_snapshot=run_config_snapshot(step),
+        excluded_inputs=excluded,
+        **fields,
+    )
+    RunInputs.objects.bulk_create(
+        [RunInputs(executedreductionstep_id=run.pk, rawdatapackage_id=p) for p in package_ids]
+    )
+    if product_ids is None and upstream_run_ids:
+        product_ids = list(
+            DataProduct.objects.filter(produced_by_id__in=list(upstream_run_ids)).values_list(
+                "pk", flat=True
+            )
+        )
+    if product_ids:
+        RunProducts.objects.bulk_create(
+            [RunProducts(executedreductionstep_id=run.pk, dataproduct_id=p) for p in product_ids]
+        )
+    record_creation(run, actor=actor, reason=reason[:1000])
+    return run
+
+
 def create_run(
     decision: Decision, *, triggered_by: str, actor: str
 ) -> ExecutedReductionStep | None:
@@ -74,36 +123,14 @@ def create_run(
     step = decision.step
     try:
         with transaction.atomic():
-            run = ExecutedReductionStep.objects.create(
-                reduction_step=step,
-                sub_group_key=decision.key,
-                sub_group_values=decision.values,
-                status=RunStatus.PENDING,
+            run = insert_run(
+                step,
+                key=decision.key,
+                values=decision.values,
+                package_ids=decision.package_ids,
+                excluded=decision.excluded,
+                upstream_run_ids=decision.upstream_run_ids,
                 triggered_by=triggered_by,
-                max_retries=step.max_retries,
-                software_version=step_software_version(step),
-                config_snapshot=run_config_snapshot(step),
-                excluded_inputs=decision.excluded,
-            )
-            RunInputs.objects.bulk_create(
-                [
-                    RunInputs(executedreductionstep_id=run.pk, rawdatapackage_id=p)
-                    for p in decision.package_ids
-                ]
-            )
-            # The upstream runs' products, read only now that a run is made of them.
-            products = DataProduct.objects.filter(
-                produced_by_id__in=decision.upstream_run_ids
-            ).values_list("pk", flat=True)
-            if decision.upstream_run_ids:
-                RunProducts.objects.bulk_create(
-                    [
-                        RunProducts(executedreductionstep_id=run.pk, dataproduct_id=p)
-                        for p in products
-                    ]
-                )
-            record_creation(
-                run,
                 actor=actor,
                 reason=f"{len(decision.package_ids)} packages, {len(decision.gap)} new"
                 + (f", {len(decision.excluded)} left out" if decision.excluded else ""),
