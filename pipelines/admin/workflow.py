@@ -218,6 +218,7 @@ class ReductionStepForm(forms.ModelForm):
             "version_policy",
             "config",
             "reduction_instrument",
+            "stages_raw_data",
         )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -658,6 +658,8 @@ def _load_pipelines(tally: Tally) -> None:
                     "config": configs[software_name],
                     # Calibration pins Prime-Cam's reduction parameters (the script in config/).
                     "reduction_instrument": "primecam" if step_name == "calibrate" else "",
+                    # Combining reads the calibrated products only: no raw data staged for it.
+                    "stages_raw_data": step_name == "calibrate",
                 },
             )
         combine = steps["combine"]

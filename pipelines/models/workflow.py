@@ -331,6 +331,13 @@ class ReductionStep(TimeStamped):
     )
     # Key in reduction.instruments.INSTRUMENTS whose rendered script this step runs.
     reduction_instrument = models.CharField(max_length=50, blank=True, default="")
+    stages_raw_data = models.BooleanField(
+        default=True,
+        help_text="Stage the sub-group's raw packages into each run's input/ directory. Turn it "
+        "off for a step that reads only its upstream steps' products (a combine step): its runs "
+        "then wait for no staging job and hold no raw copies. A step without upstream steps "
+        "always stages.",
+    )
 
     class Meta:
         db_table = "reduction_step"

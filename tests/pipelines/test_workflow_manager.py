@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 
 from pipelines.backends.base import JobSpec
-from pipelines.models import ExecutedReductionStep, PhysicalCopy, RunStatus, StagingJob, Status
+from pipelines.models import (
+    ExecutedReductionStep,
+    PhysicalCopy,
+    ReductionStep,
+    RunStatus,
+    StagingJob,
+    Status,
+)
 from pipelines.queues import route_task
 from pipelines.services.operations import ClaimLost
 from pipelines.services.results import result_manager_tick, run_collect
@@ -404,3 +411,66 @@ def test_a_step_naming_an_instrument_gets_its_pinned_script_in_config(
     assert (script["instrument"], script["version"]) == ("chai", run.parameter_set.number)
     assert Path(script["path"]).read_text() == run.parameter_set.script_text
     assert script["checksum"] == run.parameter_set.script_checksum
+
+
+def _finished_upstream_and_combine(
+    w: Any, *, stages_raw_data: bool
+) -> tuple[ExecutedReductionStep, ReductionStep]:
+    """A completed calibrate run with one product, and a combine step depending on it."""
+    combine = ReductionStepFactory(
+        pipeline=w.step.pipeline, name="combine", software=w.step.software,
+        software_version=w.step.software_version, group_by=["source"],
+        stages_raw_data=stages_raw_data,
+    )  # fmt: skip
+    combine.depends_on.set([w.step])
+    upstream_run = w.run(sub_group_key="scan")
+    workflow_manager_tick(owner="wm")
+    upstream_run = submit(upstream_run)
+    FakeBackend.finish(
+        upstream_run.hpc_job_id, outputs={"workspace/calibrate/science/spectrum.csv": b"1,2\n"}
+    )
+    result_manager_tick(owner="rm")
+    upstream_run.refresh_from_db()
+    run_collect(upstream_run.pk, token=upstream_run.claim_token, owner="collector")
+    return upstream_run, combine
+
+
+def test_a_step_that_reads_only_upstream_products_stages_no_raw_data(
+    tmp_path: Path, fake_backend: type[FakeBackend]
+) -> None:
+    w = world(tmp_path)
+    upstream_run, combine = _finished_upstream_and_combine(w, stages_raw_data=False)
+    [product] = upstream_run.products.all()
+    jobs_before = StagingJob.objects.count()
+
+    downstream = w.run(step=combine, sub_group_key="source=M83")
+    downstream.input_products.set([product])
+    counts = workflow_manager_tick(owner="wm")
+
+    downstream.refresh_from_db()
+    assert counts["staging_created"] == 0 and counts["dispatched"] == 1
+    assert downstream.staging_job_id is None  # waits for no staging job, holds no raw copy
+    assert StagingJob.objects.count() == jobs_before
+    downstream = submit(downstream)
+    assert downstream.status == RunStatus.SUBMITTED
+    run_dir = Path(downstream.run_dir)
+    manifest = json.loads((run_dir / "config/manifest.json").read_text())
+    assert manifest["raw_data_staged"] is False and manifest["inputs"] == []
+    # Lineage still names the sub-group's packages; the products are there, verified.
+    assert manifest["raw_data_package_ids"] == sorted(p.pk for p in w.packages)
+    [entry] = manifest["upstream_products"]
+    assert (run_dir / "input" / entry["path"]).read_bytes() == b"1,2\n"
+    assert not [p for p in (run_dir / "input").rglob("*") if p.is_file() and p.name in w.files]
+
+
+def test_a_step_without_upstream_steps_stages_its_raw_data_whatever_its_flag(
+    tmp_path: Path, fake_backend: type[FakeBackend]
+) -> None:
+    w = world(tmp_path)
+    ReductionStep.objects.filter(pk=w.step.pk).update(stages_raw_data=False)
+    run = w.run()
+    workflow_manager_tick(owner="wm")
+    run = submit(run)
+    manifest = json.loads((Path(run.run_dir) / "config/manifest.json").read_text())
+    assert manifest["raw_data_staged"] is True
+    assert sorted(i["path"] for i in manifest["inputs"]) == sorted(w.files)

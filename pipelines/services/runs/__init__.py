@@ -47,6 +47,7 @@ from .common import (
     job_name,
     run_lease_expiry,
     run_renew_leases,
+    run_stages_raw_data,
     served_runs,
 )
 from .lifecycle import (
@@ -94,6 +95,7 @@ __all__ = [
     "run_retry",
     "run_retry_due",
     "run_software_version",
+    "run_stages_raw_data",
     "run_staging_job_ensure",
     "run_submit",
     "runs_advance_staging",

@@ -153,3 +153,11 @@ def attempt_entry(run: ExecutedReductionStep, *, outcome: str, **values: Any) ->
         if isinstance(value, str | int | float | bool) or value is None:
             entry[key] = value
     return entry
+
+
+def run_stages_raw_data(run: ExecutedReductionStep) -> bool:
+    """Whether the run's raw packages are staged for it: always for a step without upstream
+    steps (raw data is all it has), else as its step says (``ReductionStep.stages_raw_data``;
+    a combine step that reads only its upstream products needs none)."""
+    step = run.reduction_step
+    return step.stages_raw_data or not step.depends_on.exists()

@@ -36,6 +36,7 @@ from .common import (
     job_name,
     run_lease_expiry,
     run_renew_leases,
+    run_stages_raw_data,
     served_runs,
 )
 from .lifecycle import run_fail
@@ -150,11 +151,14 @@ def run_staging_job_ensure(
 ) -> tuple[StagingJob | None, bool]:
     """The StagingJob the run waits for, linked to the run: its own when still live and active,
     else a live active job to the same location covering all its packages, else a new one.
-    Returns (job, created); (None, False) for a run without raw inputs (nothing to stage).
+    Returns (job, created); (None, False) for a run without raw inputs or whose step stages
+    none (``run_stages_raw_data``): nothing to stage.
     Raises ``NonRetryableError`` when a package cannot be staged (not archived) or the pipeline's
     location is not an active PROCESSING location, ``ClaimLost`` when the claim moved on."""
     from ..staging import staging_job_create
 
+    if not run_stages_raw_data(run):
+        return None, False
     package_ids = sorted(run.input_raw_packages.values_list("pk", flat=True))
     if not package_ids:
         return None, False

@@ -52,6 +52,7 @@ from .common import (
     CorruptInput,
     RunLeaseKeeper,
     job_name,
+    run_stages_raw_data,
 )
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,8 @@ def run_submit(run_id: int, *, token: str, owner: str) -> ExecutedReductionStep:
             step_name=step.name,
             final_step=final_step,
         )
-        inputs = _link_staged_inputs(run, location, layout, keeper)
+        staged = run_stages_raw_data(run)
+        inputs = _link_staged_inputs(run, location, layout, keeper) if staged else []
         products = _copy_upstream_products(run, layout, keeper)
         script = None
         if step.reduction_instrument:
@@ -165,7 +167,7 @@ def run_submit(run_id: int, *, token: str, owner: str) -> ExecutedReductionStep:
                                         get_instrument(parameter_set.instrument).script_name),
                 "checksum": parameter_set.script_checksum,
             }  # fmt: skip
-        manifest = _manifest(run, version, env, inputs, products, script, final_step)
+        manifest = _manifest(run, version, env, inputs, products, script, final_step, staged)
         write_manifest(layout, manifest)
         keeper.check()
         env = {
@@ -384,6 +386,7 @@ def _manifest(
     products: list[tuple[DataProduct, str]],
     script: dict[str, Any] | None,
     final_step: bool,
+    staged: bool = True,
 ) -> dict[str, Any]:
     """``manifest.json`` (schema 1 of ``pipelines.containers.write_manifest``): the step's
     parameters, the staged inputs and upstream products with their checksums (paths relative to
@@ -405,7 +408,10 @@ def _manifest(
         "image": version.image_ref,
         "parameters": parameters,
         "output_dir": env.get("WORKFLOW_OUTPUT_DIR", ""),
-        "raw_data_package_ids": sorted({i.package_id for i in inputs}),
+        # The sub-group's packages (lineage), staged into input/ or not (``raw_data_staged``:
+        # false for a step that reads only its upstream products).
+        "raw_data_package_ids": sorted(run.input_raw_packages.values_list("pk", flat=True)),
+        "raw_data_staged": staged,
         "inputs": [
             {
                 "path": i.relative_path,
