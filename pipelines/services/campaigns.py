@@ -300,8 +300,8 @@ def _plan_backfill(parameters: dict[str, Any], campaign: Campaign | None) -> Cam
     from pipelines.grouping import package_sub_groups
     from pipelines.services.triggers.gap import (
         Reason,
-        _decide,
-        _ordered_steps,
+        decide,
+        ordered_steps,
         pipeline_packages,
     )
 
@@ -320,7 +320,7 @@ def _plan_backfill(parameters: dict[str, Any], campaign: Campaign | None) -> Cam
     now = timezone.now()
     groups_by: dict[tuple[str, ...], tuple[dict, set[str]]] = {}
     planned_packages: dict[int, set[int]] = defaultdict(set)
-    for step, upstream in _ordered_steps(pipeline):
+    for step, upstream in ordered_steps(pipeline):
         if parameters.get("step") and step.name != parameters["step"]:
             continue
         group_by = tuple(step.group_by or [])
@@ -339,7 +339,7 @@ def _plan_backfill(parameters: dict[str, Any], campaign: Campaign | None) -> Cam
             continue
         done = _done_keys(step, campaign)
         failed = _latest_failed_keys(step) if mode == "failed" else set()
-        for decision in _decide(
+        for decision in decide(
             step, upstream, sub_groups, now=now, full=True, respect_cooldown=False
         ):
             key = decision.key

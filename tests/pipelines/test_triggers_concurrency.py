@@ -51,14 +51,14 @@ def test_two_managers_with_the_same_stale_view_lose_cleanly_to_the_constraint(
     for _ in range(20):
         archived(ExecutedObsUnitFactory())
     decided = threading.Barrier(2)
-    original = triggers.manager._decide
+    original = triggers.manager.decide
 
     def decide_then_wait(*args: Any, **kwargs: Any) -> Any:
         decisions = original(*args, **kwargs)
         decided.wait(timeout=30)
         return decisions
 
-    with mock.patch.object(triggers.manager, "_decide", decide_then_wait):
+    with mock.patch.object(triggers.manager, "decide", decide_then_wait):
         results = together(lambda: pipeline_evaluate(p, full=True))
     assert sorted(len(r) for r in results)[1] >= 1
     assert sum(len(r) for r in results) == 20

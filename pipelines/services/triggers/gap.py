@@ -241,7 +241,7 @@ class Decision:
     run: ExecutedReductionStep | None = None  # the run created for it, if any
 
 
-def _decide(
+def decide(
     step: ReductionStep,
     upstream: Sequence[ReductionStep],
     sub_groups: dict[str, SubGroup],
@@ -360,12 +360,12 @@ def _package_names(
     return dict(RawDataPackage.objects.filter(pk__in=ids).values_list("pk", "name"))
 
 
-def _ordered_steps(pipeline: Pipeline) -> list[tuple[ReductionStep, list[ReductionStep]]]:
+def ordered_steps(pipeline: Pipeline) -> list[tuple[ReductionStep, list[ReductionStep]]]:
     """The pipeline's steps with their upstream steps, upstream first."""
-    return _steps_of([pipeline])[pipeline.pk]
+    return pipeline_steps([pipeline])[pipeline.pk]
 
 
-def _steps_of(
+def pipeline_steps(
     pipelines: Sequence[Pipeline],
 ) -> dict[int, list[tuple[ReductionStep, list[ReductionStep]]]]:
     """Each pipeline's steps with their upstream steps, upstream first (topological; ties by
@@ -409,10 +409,10 @@ def step_gap(step: ReductionStep, *, now: datetime | None = None) -> dict[str, S
     from pipelines.grouping import SubGroup, package_sub_groups
 
     pipeline = step.pipeline
-    upstream = dict(_ordered_steps(pipeline)).get(step, [])
+    upstream = dict(ordered_steps(pipeline)).get(step, [])
     groups = package_sub_groups(pipeline_packages(pipeline), list(step.group_by or []))
     return {
         d.key: SubGroup(key=d.key, values=d.values, package_ids=d.gap)
-        for d in _decide(step, upstream, groups, now=now or timezone.now(), full=False)
+        for d in decide(step, upstream, groups, now=now or timezone.now(), full=False)
         if d.gap
     }

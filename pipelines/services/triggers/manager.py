@@ -37,10 +37,10 @@ from .gap import (
     Reason,
     RunInfo,
     RunInputs,
-    _decide,
-    _ordered_steps,
-    _steps_of,
+    decide,
+    ordered_steps,
     pipeline_packages,
+    pipeline_steps,
     processing_location_id,
     runs_of_steps,
     served_pipelines,
@@ -106,7 +106,7 @@ def _evaluate(
 ) -> list[ExecutedReductionStep]:
     """Evaluate ``pipeline`` (all sub-groups when ``full``, else those ``affected`` names) and
     create the due runs, upstream steps first so a run created now makes its downstream wait.
-    ``steps`` are the pipeline's ``_steps_of`` when the caller loaded them already."""
+    ``steps`` are the pipeline's ``pipeline_steps`` when the caller loaded them already."""
     from pipelines.grouping import package_sub_groups
 
     packages = pipeline_packages(pipeline)
@@ -128,7 +128,7 @@ def _evaluate(
         return cache_by_group_by[key]
 
     created: list[ExecutedReductionStep] = []
-    for step, upstream in steps if steps is not None else _ordered_steps(pipeline):
+    for step, upstream in steps if steps is not None else ordered_steps(pipeline):
         group_by = list(step.group_by or [])
         if not upstream and not roots:
             continue
@@ -148,7 +148,7 @@ def _evaluate(
             sub_groups = {k: groups[k] for k in keys if k in groups}
         if not sub_groups:
             continue
-        for decision in _decide(step, upstream, sub_groups, now=now, full=full):
+        for decision in decide(step, upstream, sub_groups, now=now, full=full):
             if decision.reason != Reason.CREATE:
                 continue
             run = create_run(
@@ -262,7 +262,7 @@ def _changes(
     """What changed since each pipeline's watermark, in a few queries for all of them: packages
     archived since (one query), runs of their steps finished since (one), sub-groups whose
     cooldown ended since (one per distinct cooldown). ``steps_of``: the pipelines'
-    ``_steps_of`` when the caller has them (else two more queries)."""
+    ``pipeline_steps`` when the caller has them (else two more queries)."""
     result: dict[int, _Affected] = {p.pk: _Affected() for p in pipelines}
     if not pipelines:
         return result
@@ -401,7 +401,7 @@ def trigger_evaluate_downstream(
         for down in downstream.get(step_id, ()):
             if pipeline_of[down] in affected:
                 affected[pipeline_of[down]].upstream_packages[down] |= packages[run_id]
-    steps = _steps_of(pipelines)
+    steps = pipeline_steps(pipelines)
     created: list[ExecutedReductionStep] = []
     for pipeline in pipelines:
         created += _evaluate(
@@ -460,7 +460,7 @@ def _tick(*, owner: str, now: datetime | None, allow_full: bool) -> dict[str, in
             incremental += [p for p, never in chunk if not never]
             chunk = [(p, never) for p, never in chunk if never]
         claimed = _claim_full_batch([p for p, _never in chunk], now, full_every)
-        steps.update(_steps_of(claimed))
+        steps.update(pipeline_steps(claimed))
         try:
             with transaction.atomic():  # the batch's reads and runs together, or per pipeline
                 created += _evaluate_full_batch(claimed, now=now, actor=actor, steps_of=steps)
@@ -492,7 +492,7 @@ def _tick(*, owner: str, now: datetime | None, allow_full: bool) -> dict[str, in
         if not _roots_allowed(pipeline, cron_due=False):
             changes[pipeline.pk].new_packages = []  # new data starts no root step of theirs
     _match_new_packages(incremental, changes)
-    steps.update(_steps_of([p for p in incremental if changes[p.pk]]))
+    steps.update(pipeline_steps([p for p in incremental if changes[p.pk]]))
     advanced: list[int] = []
     for pipeline in incremental:
         affected = changes[pipeline.pk]
@@ -691,9 +691,7 @@ def _evaluate_full_batch(
             sub_groups = split[tuple(step.group_by or [])].get(pipeline.pk, {})
             if not sub_groups:
                 continue
-            for decision in _decide(
-                step, upstream, sub_groups, now=now, full=True, runs_of=runs_of
-            ):
+            for decision in decide(step, upstream, sub_groups, now=now, full=True, runs_of=runs_of):
                 if decision.reason != Reason.CREATE:
                     continue
                 run = create_run(
@@ -784,7 +782,7 @@ def pipeline_trigger(
     if not pipeline.enabled:
         raise TriggerError(f"pipeline {pipeline.name} is disabled; enable it to trigger it")
     packages = pipeline_packages(pipeline)
-    roots = [(s, u) for s, u in _ordered_steps(pipeline) if not u]
+    roots = [(s, u) for s, u in ordered_steps(pipeline) if not u]
     groups = {s.pk: package_sub_groups(packages, list(s.group_by or [])) for s, _u in roots}
     if sub_groups is not None:
         known = set().union(*(g.keys() for g in groups.values())) if groups else set()
@@ -802,7 +800,7 @@ def pipeline_trigger(
         chosen = groups[step.pk]
         if sub_groups is not None:
             chosen = {k: v for k, v in chosen.items() if k in set(sub_groups)}
-        for decision in _decide(step, [], chosen, now=now, full=False, respect_cooldown=False):
+        for decision in decide(step, [], chosen, now=now, full=False, respect_cooldown=False):
             decisions.append(decision)
             if decision.reason == Reason.CREATE and not dry_run:
                 create_run(

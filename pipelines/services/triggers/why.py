@@ -23,9 +23,9 @@ from pipelines.models import (
 from .gap import (
     Decision,
     Reason,
-    _decide,
-    _ordered_steps,
     _rules_mention_state,
+    decide,
+    ordered_steps,
     pipeline_packages,
     processing_location_id,
 )
@@ -61,7 +61,7 @@ def explain_step(step: ReductionStep, sub_group_key: str | None = None) -> str:
             f"{pipeline.processing_location}, not at this instance's (PROCESSING_LOCATION_ID="
             f"{location}); that location's trigger manager evaluates it."
         )
-    upstream = dict(_ordered_steps(pipeline)).get(step, [])
+    upstream = dict(ordered_steps(pipeline)).get(step, [])
     try:
         groups = package_sub_groups(pipeline_packages(pipeline), list(step.group_by or []))
     except ValidationError as exc:
@@ -89,7 +89,7 @@ def explain_step(step: ReductionStep, sub_group_key: str | None = None) -> str:
             else "archived package."
         )
     now = timezone.now()
-    decisions = _decide(step, upstream, groups, now=now, full=False)
+    decisions = decide(step, upstream, groups, now=now, full=False)
     if len(decisions) == 1:
         return f"{label} [{decisions[0].key}]: {_words(decisions[0], pipeline, upstream, now)}."
     counts: dict[str, int] = defaultdict(int)
