@@ -14,6 +14,7 @@ retry, and no second process. SLURM (``--job-name`` + ``squeue``) and Kubernetes
 from __future__ import annotations
 
 import json
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -133,6 +134,40 @@ class Backend(ABC):
         """Raise ValidationError naming the key when ``resources`` asks for something unknown,
         of the wrong type or out of range. Backends narrow the limits by overriding."""
         validate_resource_shape(resources)
+
+
+# What a job (or the submitting command) inherits from the worker's environment: enough to find
+# programs, a home, the locale, a virtualenv and container runtimes; never the worker's database
+# URL, broker password or cloud keys. Each backend adds the names it needs; JobSpec.env comes on
+# top.
+INHERITED_ENV = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "SHELL",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "VIRTUAL_ENV",
+        "PYTHONPATH",
+    }
+)
+INHERITED_ENV_PREFIXES = ("LC_", "APPTAINER_", "SINGULARITY_")
+
+
+def inherited_environment(
+    names: frozenset[str] = frozenset(), prefixes: tuple[str, ...] = ()
+) -> dict[str, str]:
+    """The worker's environment variables a job may see: ``INHERITED_ENV`` and ``names``, and
+    those starting with ``INHERITED_ENV_PREFIXES`` or ``prefixes``."""
+    allowed = INHERITED_ENV | names
+    starts = INHERITED_ENV_PREFIXES + prefixes
+    return {
+        key: value for key, value in os.environ.items() if key in allowed or key.startswith(starts)
+    }
 
 
 def validate_resource_shape(resources: object) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .base import Backend, BackendError, JobSpec, JobStatus, read_json
+from .base import Backend, BackendError, JobSpec, JobStatus, inherited_environment, read_json
 from .local_job import write_json_atomic
 
 WRAPPER = Path(__file__).with_name("local_job.py")
@@ -75,28 +75,10 @@ def compiled_wrapper(state_dir: Path) -> Path:
     return _compiled[state_dir]
 
 
-# What a job inherits from the worker's environment: enough to find programs, a home, the
-# locale, a virtualenv and container runtimes; not the worker's database URL, broker password
-# or cloud keys. JobSpec.env is added on top.
-INHERITED_ENV = frozenset(
-    {
-        "PATH",
-        "HOME",
-        "USER",
-        "LOGNAME",
-        "SHELL",
-        "LANG",
-        "LANGUAGE",
-        "TZ",
-        "TMPDIR",
-        "VIRTUAL_ENV",
-        "PYTHONPATH",
-        "XDG_RUNTIME_DIR",
-        "DOCKER_HOST",
-        "CONTAINER_HOST",
-    }
-)
-INHERITED_ENV_PREFIXES = ("LC_", "APPTAINER_", "SINGULARITY_", "SSL_CERT_")
+# Beyond the base set (``backends.base.INHERITED_ENV``): what container runtimes on this host
+# need to be reached, and the TLS trust store.
+LOCAL_ENV = frozenset({"XDG_RUNTIME_DIR", "DOCKER_HOST", "CONTAINER_HOST"})
+LOCAL_ENV_PREFIXES = ("SSL_CERT_",)
 
 
 def _iso(value: object) -> datetime | None:
@@ -315,13 +297,7 @@ class LocalBackend(Backend):
 
     @staticmethod
     def _environment(extra: dict[str, str]) -> dict[str, str]:
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if key in INHERITED_ENV or key.startswith(INHERITED_ENV_PREFIXES)
-        }
-        env.update(extra)
-        return env
+        return {**inherited_environment(LOCAL_ENV, LOCAL_ENV_PREFIXES), **extra}
 
     def get_status(self, job_ids: list[str]) -> dict[str, JobStatus]:
         return {job_id: self._status(job_id) for job_id in job_ids}

@@ -54,6 +54,7 @@ from .base import (
     JobSpec,
     JobState,
     JobStatus,
+    inherited_environment,
     read_json,
     validate_resource_shape,
 )
@@ -87,26 +88,10 @@ FAILED_STATE_WORDS = {
     "SPECIAL_EXIT": "the job was held after a special exit",
 }
 
-# What the sbatch process (and with --export=ALL, the job) inherits from the worker: enough to
-# find programs and SLURM's config; not the worker's database URL, broker password or cloud
-# keys. JobSpec.env is exported by the script itself.
-INHERITED_ENV = frozenset(
-    {
-        "PATH",
-        "HOME",
-        "USER",
-        "LOGNAME",
-        "SHELL",
-        "LANG",
-        "LANGUAGE",
-        "TZ",
-        "TMPDIR",
-        "VIRTUAL_ENV",
-        "PYTHONPATH",
-        "SLURM_CONF",
-    }
-)
-INHERITED_ENV_PREFIXES = ("LC_", "APPTAINER_", "SINGULARITY_")
+# What the sbatch process (and with --export=ALL, the job) inherits from the worker: the base
+# set (``backends.base.INHERITED_ENV``) and SLURM's config. JobSpec.env is exported by the
+# script itself.
+SLURM_ENV = frozenset({"SLURM_CONF"})
 
 
 # The batch script's last words: logs/exit_code as JSON, keys as the local backend's wrapper.
@@ -500,11 +485,7 @@ class SlurmBackend(Backend):
 
     @staticmethod
     def _submit_environment() -> dict[str, str]:
-        return {
-            key: value
-            for key, value in os.environ.items()
-            if key in INHERITED_ENV or key.startswith(INHERITED_ENV_PREFIXES)
-        }
+        return inherited_environment(SLURM_ENV)
 
     # --- the id -> run directory index ------------------------------------------------------
 

@@ -146,3 +146,29 @@ def test_the_callback_environment_names_the_task_the_run_and_the_broker(settings
     assert callback["broker_url"] == "redis://127.0.0.1:6379/9"
     # Behaviour 50: the completion goes to a workflow queue.
     assert callback["queue"].startswith("workflow.")
+
+
+def test_jobs_inherit_only_the_allowed_environment_never_credentials(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pipelines.backends.base import inherited_environment
+    from pipelines.backends.local import LocalBackend
+    from pipelines.backends.slurm import SlurmBackend
+
+    for key, value in {
+        "DATABASE_URL": "postgres://secret@db/ops",
+        "CELERY_BROKER_URL": "redis://:password@broker/0",
+        "AWS_SECRET_ACCESS_KEY": "k",
+        "LC_ALL": "C.UTF-8",
+        "SLURM_CONF": "/etc/slurm/slurm.conf",
+        "DOCKER_HOST": "unix:///run/docker.sock",
+    }.items():
+        monkeypatch.setenv(key, value)
+    base = inherited_environment()
+    assert base["LC_ALL"] == "C.UTF-8" and "PATH" in base
+    local = LocalBackend._environment({"WORKFLOW_RUN_ID": "7"})
+    slurm = SlurmBackend._submit_environment()
+    for env in (base, local, slurm):
+        assert not {"DATABASE_URL", "CELERY_BROKER_URL", "AWS_SECRET_ACCESS_KEY"} & set(env)
+    assert local["DOCKER_HOST"] and local["WORKFLOW_RUN_ID"] == "7" and "SLURM_CONF" not in local
+    assert slurm["SLURM_CONF"] == "/etc/slurm/slurm.conf" and "DOCKER_HOST" not in slurm
