@@ -40,6 +40,7 @@ from tests.factories import (
 )
 from tests.pipelines.triggers_helpers import (
     archived,
+    chain,
     finish,
     grouping_without_state_rule,
     inputs,
@@ -313,9 +314,7 @@ def test_behaviour_13_data_whose_upstream_run_failed_or_was_cancelled_is_left_ou
 
 
 def test_behaviour_13_a_sub_group_whose_upstream_runs_all_failed_gets_no_run() -> None:
-    p = pipeline()
-    calibrate = step(p, step_order=1)
-    baseline = step(p, step_order=2, upstream=[calibrate])
+    p, calibrate, baseline = chain()
     archived()
     tick()
     (run,) = runs_of(calibrate)

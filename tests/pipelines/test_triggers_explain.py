@@ -11,7 +11,7 @@ from django.core.management import call_command
 from pipelines.models import RunStatus, TriggerType
 from pipelines.services.triggers import explain_step
 from tests.factories import DataGroupingFactory, ExecutedObsUnitFactory
-from tests.pipelines.triggers_helpers import archived, finish, pipeline, runs_of, step, tick
+from tests.pipelines.triggers_helpers import archived, chain, finish, pipeline, runs_of, step, tick
 
 pytestmark = pytest.mark.django_db
 
@@ -99,9 +99,7 @@ def test_it_names_the_upstream_run_it_waits_for() -> None:
 
 
 def test_it_says_upstream_data_is_left_out() -> None:
-    p = pipeline()
-    calibrate = step(p, step_order=1)
-    baseline = step(p, step_order=2, upstream=[calibrate])
+    _, calibrate, baseline = chain()
     archived()
     tick()
     (run,) = runs_of(calibrate)

@@ -16,7 +16,16 @@ from pipelines.services import triggers
 from pipelines.services.archive import mark_archived
 from pipelines.services.triggers import trigger_evaluate_now
 from tests.factories import ExecutedObsUnitFactory, RawDataPackageFactory
-from tests.pipelines.triggers_helpers import archived, finish, inputs, pipeline, runs_of, step, tick
+from tests.pipelines.triggers_helpers import (
+    archived,
+    chain,
+    finish,
+    inputs,
+    pipeline,
+    runs_of,
+    step,
+    tick,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -75,9 +84,7 @@ def test_an_incremental_tick_without_changes_costs_a_few_queries_whatever_the_pi
 
 
 def test_an_upstream_run_completing_brings_its_downstream_sub_group_back() -> None:
-    p = pipeline()
-    calibrate = step(p, step_order=1)
-    baseline = step(p, step_order=2, upstream=[calibrate])
+    _, calibrate, baseline = chain()
     scan = ExecutedObsUnitFactory()
     archived(scan)
     start = timezone.now()
@@ -93,9 +100,7 @@ def test_an_upstream_run_completing_brings_its_downstream_sub_group_back() -> No
 def test_evaluating_downstream_of_a_finished_run_creates_only_its_sub_groups_runs() -> None:
     from pipelines.services.triggers import trigger_evaluate_downstream
 
-    p = pipeline()
-    calibrate = step(p, step_order=1)
-    baseline = step(p, step_order=2, upstream=[calibrate])
+    p, calibrate, baseline = chain()
     first, second = ExecutedObsUnitFactory(), ExecutedObsUnitFactory()
     archived(first)
     archived(second)
@@ -124,9 +129,7 @@ def test_evaluating_downstream_of_a_finished_run_creates_only_its_sub_groups_run
 def test_evaluating_downstream_ignores_disabled_pipelines_and_last_steps() -> None:
     from pipelines.services.triggers import trigger_evaluate_downstream
 
-    p = pipeline()
-    calibrate = step(p, step_order=1)
-    baseline = step(p, step_order=2, upstream=[calibrate])
+    p, calibrate, baseline = chain()
     archived()
     tick()
     (run,) = runs_of(calibrate)
@@ -145,9 +148,7 @@ def test_a_manual_trigger_is_followed_by_its_downstream_steps() -> None:
     from pipelines.models import TriggerType
     from pipelines.services.triggers import pipeline_trigger
 
-    p = pipeline(trigger_type=TriggerType.MANUAL)
-    calibrate = step(p, step_order=1)
-    baseline = step(p, step_order=2, upstream=[calibrate])
+    p, calibrate, baseline = chain(trigger_type=TriggerType.MANUAL)
     archived()
     tick()
     pipeline_trigger(p)

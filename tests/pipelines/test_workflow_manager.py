@@ -156,16 +156,16 @@ def test_behaviour_27_each_attempt_gets_its_directories_inside_the_processing_ro
         assert (attempt / "input" / relative).read_bytes() == data
 
 
-def test_behaviour_31_the_manifest_holds_parameters_staged_inputs_and_upstream_products(
-    tmp_path: Path, fake_backend: type[FakeBackend]
-) -> None:
-    w = world(tmp_path)
-    combine = ReductionStepFactory(
+def _finished_upstream_and_combine(
+    w: Any, **combine: Any
+) -> tuple[ExecutedReductionStep, ReductionStep]:
+    """A completed calibrate run with one product (``spectrum.csv``, "1,2,3"), and a combine
+    step per source depending on it (``combine``: more of its fields)."""
+    combine_step = ReductionStepFactory(
         pipeline=w.step.pipeline, name="combine", software=w.step.software,
-        software_version=w.step.software_version, group_by=["source"],
-        config=ReductionStepConfigFactory(parameters={"weighting": "inverse_variance"}),
+        software_version=w.step.software_version, group_by=["source"], **combine,
     )  # fmt: skip
-    combine.depends_on.set([w.step])
+    combine_step.depends_on.set([w.step])
     upstream_run = w.run(sub_group_key="scan")
     workflow_manager_tick(owner="wm")
     upstream_run = submit(upstream_run)
@@ -177,6 +177,16 @@ def test_behaviour_31_the_manifest_holds_parameters_staged_inputs_and_upstream_p
     upstream_run.refresh_from_db()
     run_collect(upstream_run.pk, token=upstream_run.claim_token, owner="collector")
     upstream_run.refresh_from_db()
+    return upstream_run, combine_step
+
+
+def test_behaviour_31_the_manifest_holds_parameters_staged_inputs_and_upstream_products(
+    tmp_path: Path, fake_backend: type[FakeBackend]
+) -> None:
+    w = world(tmp_path)
+    upstream_run, combine = _finished_upstream_and_combine(
+        w, config=ReductionStepConfigFactory(parameters={"weighting": "inverse_variance"})
+    )
     assert upstream_run.status == RunStatus.COMPLETED
     [product] = upstream_run.products.filter(product_type="intermediate")
 
@@ -413,33 +423,12 @@ def test_a_step_naming_an_instrument_gets_its_pinned_script_in_config(
     assert script["checksum"] == run.parameter_set.script_checksum
 
 
-def _finished_upstream_and_combine(
-    w: Any, *, stages_raw_data: bool
-) -> tuple[ExecutedReductionStep, ReductionStep]:
-    """A completed calibrate run with one product, and a combine step depending on it."""
-    combine = ReductionStepFactory(
-        pipeline=w.step.pipeline, name="combine", software=w.step.software,
-        software_version=w.step.software_version, group_by=["source"],
-        stages_raw_data=stages_raw_data,
-    )  # fmt: skip
-    combine.depends_on.set([w.step])
-    upstream_run = w.run(sub_group_key="scan")
-    workflow_manager_tick(owner="wm")
-    upstream_run = submit(upstream_run)
-    FakeBackend.finish(
-        upstream_run.hpc_job_id, outputs={"workspace/calibrate/science/spectrum.csv": b"1,2\n"}
-    )
-    result_manager_tick(owner="rm")
-    upstream_run.refresh_from_db()
-    run_collect(upstream_run.pk, token=upstream_run.claim_token, owner="collector")
-    return upstream_run, combine
-
-
 def test_a_step_that_reads_only_upstream_products_stages_no_raw_data(
     tmp_path: Path, fake_backend: type[FakeBackend]
 ) -> None:
     w = world(tmp_path)
     upstream_run, combine = _finished_upstream_and_combine(w, stages_raw_data=False)
+    assert upstream_run.status == RunStatus.COMPLETED
     [product] = upstream_run.products.all()
     jobs_before = StagingJob.objects.count()
 
@@ -459,7 +448,7 @@ def test_a_step_that_reads_only_upstream_products_stages_no_raw_data(
     # Lineage still names the sub-group's packages; the products are there, verified.
     assert manifest["raw_data_package_ids"] == sorted(p.pk for p in w.packages)
     [entry] = manifest["upstream_products"]
-    assert (run_dir / "input" / entry["path"]).read_bytes() == b"1,2\n"
+    assert (run_dir / "input" / entry["path"]).read_bytes() == b"1,2,3\n"
     assert not [p for p in (run_dir / "input").rglob("*") if p.is_file() and p.name in w.files]
 
 

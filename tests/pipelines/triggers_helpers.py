@@ -48,6 +48,13 @@ def step(pipeline: Pipeline, *, upstream: list[ReductionStep] = (), **kwargs: An
     return made
 
 
+def chain(**pipeline_kwargs: Any) -> tuple[Pipeline, ReductionStep, ReductionStep]:
+    """A pipeline with two steps per scan: "calibrate", then a step depending on it."""
+    p = pipeline(**pipeline_kwargs)
+    calibrate = step(p, step_order=1)
+    return p, calibrate, step(p, step_order=2, upstream=[calibrate])
+
+
 def grouping_without_state_rule() -> Any:
     return DataGroupingFactory(filter_rules=[])
 

@@ -8,7 +8,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from django.db import transaction
-from django.db.models import Count, F, Q
+from django.db.models import Count, F, Q, QuerySet
 from django.utils import timezone
 
 from pipelines.exceptions import NonRetryableError
@@ -201,9 +201,17 @@ def _live_staging_job_covering(
     """A live, active job to ``destination`` whose packages include all of ``package_ids``;
     completed ones first (nothing to wait for), then the newest. One query."""
     return (
-        StagingJob.objects.filter(
-            destination_location=destination, active=True, status__in=LIVE_STAGING
-        )
+        _jobs_covering(package_ids, destination)
+        .filter(active=True, status__in=LIVE_STAGING)
+        .order_by(F("finished_at").desc(nulls_last=True), "-created_at")
+        .first()
+    )
+
+
+def _jobs_covering(package_ids: list[int], destination: DataLocation) -> QuerySet[StagingJob]:
+    """Staging jobs to ``destination`` whose packages include every one of ``package_ids``."""
+    return (
+        StagingJob.objects.filter(destination_location=destination)
         .annotate(
             covered=Count(
                 "raw_data_packages",
@@ -212,8 +220,6 @@ def _live_staging_job_covering(
             )
         )
         .filter(covered=len(package_ids))
-        .order_by(F("finished_at").desc(nulls_last=True), "-created_at")
-        .first()
     )
 
 
@@ -223,17 +229,8 @@ def _revived_staging_job(package_ids: list[int], destination: DataLocation) -> S
     data, right after its upstream run finished): the run needs no new staging round trip.
     None when there is no such job or a file is gone."""
     job = (
-        StagingJob.objects.filter(
-            destination_location=destination, active=False, status=Status.COMPLETED
-        )
-        .annotate(
-            covered=Count(
-                "raw_data_packages",
-                filter=Q(raw_data_packages__in=package_ids),
-                distinct=True,
-            )
-        )
-        .filter(covered=len(package_ids))
+        _jobs_covering(package_ids, destination)
+        .filter(active=False, status=Status.COMPLETED)
         .order_by("-finished_at", "-pk")
         .first()
     )
