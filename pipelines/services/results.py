@@ -23,9 +23,10 @@ collecting fails the run (behaviour 37).
 Lineage: a product's ``produced_by`` run holds ``input_raw_packages`` and ``input_products``,
 so ``product_raw_packages`` walks any product back to the raw data it came from.
 
-The tick then retries failed runs that have retries left (``run_retry_due``). A completed run
-queues the trigger evaluation of its pipeline at once, so downstream steps start without waiting
-for the next tick; ``run_job_finished`` (the local backend's push) collects one run at once.
+The tick then retries failed runs that have retries left (``run_retry_due``). The task that
+completes a run (``collect_run_results``, or ``run_job_finished``, the local backend's push,
+which collects one run at once) then evaluates that run's downstream steps and ticks the
+workflow manager (``advance_downstream``), so they start without waiting for the next tick.
 """
 
 from __future__ import annotations
@@ -64,7 +65,6 @@ from .runs import (
     served_runs,
 )
 from .states import TransitionConflict, transition
-from .triggers import queue_trigger_evaluation
 
 if TYPE_CHECKING:
     from pipelines.backends.base import Backend, JobStatus
@@ -285,12 +285,10 @@ class Output:
     size: int
 
 
-def run_collect(
-    run_id: int, *, token: str, owner: str, queue_evaluation: bool = True
-) -> ExecutedReductionStep:
+def run_collect(run_id: int, *, token: str, owner: str) -> ExecutedReductionStep:
     """Register the outputs of a COLLECTING_RESULTS run held by ``token`` and complete it
-    (module docstring), queueing a trigger evaluation for its downstream steps unless the
-    caller evaluates them itself (``queue_evaluation=False``). Returns the COMPLETED run.
+    (module docstring). Its callers then start what depends on it (``advance_downstream``).
+    Returns the COMPLETED run.
     Raises ``ClaimLost`` when the claim no longer holds the run (nothing written); any other
     error is left to the caller, which fails the run (``run_fail_for_exception``)."""
     run = ExecutedReductionStep.objects.select_related(
@@ -356,9 +354,6 @@ def run_collect(
             except TransitionConflict as exc:
                 raise ClaimLost(f"run {run.pk}: claim lost while collecting ({exc})") from exc
             run_release_staging(run)
-            if queue_evaluation:
-                # Downstream steps may now have a gap: evaluate at once, not at the next tick.
-                queue_trigger_evaluation()
     return run
 
 
@@ -442,7 +437,7 @@ def run_collect_now(run_id: int, *, owner: str) -> dict[str, Any]:
         from .runs import run_fail_for_exception
 
         try:
-            run_collect(run_id, token=applied.token, owner=owner, queue_evaluation=False)
+            run_collect(run_id, token=applied.token, owner=owner)
         except ClaimLost as exc:
             log.info("run %s: %s", run_id, exc)
         except Exception as exc:
@@ -459,7 +454,7 @@ def run_collect_and_advance(run_id: int, *, token: str, owner: str) -> ExecutedR
     then the run's downstream steps evaluated and the workflow manager ticked in the same task,
     as the pushed completion does (``advance_downstream``), instead of queueing an evaluation
     of every served pipeline."""
-    run = run_collect(run_id, token=token, owner=owner, queue_evaluation=False)
+    run = run_collect(run_id, token=token, owner=owner)
     advance_downstream(run_id, owner=owner)
     return run
 

@@ -300,26 +300,11 @@ def _changes(
             reduction_step_id__in=list(pipeline_of),
         ).values_list("pk", "reduction_step_id", "updated_at")
     )
-    if completed:
-        downstream: dict[int, list[int]] = defaultdict(list)
-        for down, up in ReductionStep.depends_on.through.objects.filter(
-            to_reductionstep_id__in={s for _r, s, _u in completed}
-        ).values_list("from_reductionstep_id", "to_reductionstep_id"):
-            downstream[up].append(down)
-        run_ids = [
-            pk
-            for pk, step_id, at in completed
-            if downstream.get(step_id) and at > marks[pipeline_of[step_id]]
-        ]
-        packages: dict[int, set[int]] = defaultdict(set)
-        for run_id, package_id in RunInputs.objects.filter(
-            executedreductionstep_id__in=run_ids
-        ).values_list("executedreductionstep_id", "rawdatapackage_id"):
-            packages[run_id].add(package_id)
-        step_of = {pk: step_id for pk, step_id, _u in completed}
-        for run_id in run_ids:
-            for down in downstream[step_of[run_id]]:
-                result[pipeline_of[down]].upstream_packages[down] |= packages[run_id]
+    opened = _opened_downstream(
+        {pk: step_id for pk, step_id, at in completed if at > marks[pipeline_of[step_id]]}
+    )
+    for down, packages in opened.items():
+        result[pipeline_of[down]].upstream_packages[down] |= packages
     # Cooldowns that ended since the watermark: the last run of the sub-group was created in
     # (mark - cooldown, now - cooldown]. A sub-group deferred by its cooldown has such a run.
     by_cooldown: dict[int, list[int]] = defaultdict(list)
@@ -336,6 +321,26 @@ def _changes(
             if created_at > marks[pipeline_of[step_id]] - delta:
                 result[pipeline_of[step_id]].keys[step_id].add(key)
     return result
+
+
+def _opened_downstream(step_of_run: dict[int, int]) -> dict[int, set[int]]:
+    """What finished runs (run id -> its step id) can have opened downstream: step id of each
+    step depending on one of theirs -> the input packages of those runs (their sub-groups are
+    the ones to look at). Two queries; none without runs."""
+    if not step_of_run:
+        return {}
+    downstream: dict[int, list[int]] = defaultdict(list)
+    for down, up in ReductionStep.depends_on.through.objects.filter(
+        to_reductionstep_id__in=set(step_of_run.values())
+    ).values_list("from_reductionstep_id", "to_reductionstep_id"):
+        downstream[up].append(down)
+    opened: dict[int, set[int]] = defaultdict(set)
+    for run_id, package_id in RunInputs.objects.filter(
+        executedreductionstep_id__in=[r for r, step in step_of_run.items() if downstream.get(step)]
+    ).values_list("executedreductionstep_id", "rawdatapackage_id"):
+        for down in downstream[step_of_run[run_id]]:
+            opened[down].add(package_id)
+    return opened
 
 
 # --- the manager tick ---------------------------------------------------------------------------
@@ -377,30 +382,17 @@ def trigger_evaluate_downstream(
             status__in=[RunStatus.COMPLETED, RunStatus.CANCELLED, RunStatus.FAILED],
         ).values_list("pk", "reduction_step_id")
     )
-    step_of_run = dict(finished)
-    downstream: dict[int, list[int]] = defaultdict(list)
-    for down, up in ReductionStep.depends_on.through.objects.filter(
-        to_reductionstep_id__in=set(step_of_run.values())
-    ).values_list("from_reductionstep_id", "to_reductionstep_id"):
-        downstream[up].append(down)
-    if not downstream:
+    opened = _opened_downstream(dict(finished))
+    if not opened:
         return {"created": 0}
-    packages: dict[int, set[int]] = defaultdict(set)
-    for run_id, package_id in RunInputs.objects.filter(
-        executedreductionstep_id__in=list(step_of_run)
-    ).values_list("executedreductionstep_id", "rawdatapackage_id"):
-        packages[run_id].add(package_id)
     pipeline_of = dict(
-        ReductionStep.objects.filter(
-            pk__in={d for downs in downstream.values() for d in downs}
-        ).values_list("pk", "pipeline_id")
+        ReductionStep.objects.filter(pk__in=list(opened)).values_list("pk", "pipeline_id")
     )
     pipelines = list(served_pipelines().filter(pk__in=set(pipeline_of.values())))
     affected: dict[int, _Affected] = {p.pk: _Affected() for p in pipelines}
-    for run_id, step_id in step_of_run.items():
-        for down in downstream.get(step_id, ()):
-            if pipeline_of[down] in affected:
-                affected[pipeline_of[down]].upstream_packages[down] |= packages[run_id]
+    for down, packages in opened.items():
+        if pipeline_of[down] in affected:
+            affected[pipeline_of[down]].upstream_packages[down] |= packages
     steps = pipeline_steps(pipelines)
     created: list[ExecutedReductionStep] = []
     for pipeline in pipelines:
